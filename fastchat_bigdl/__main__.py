@@ -1,0 +1,5 @@
+import sys
+
+from fastchat_bigdl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""The ``fastchat-bigdl`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from fastchat_bigdl import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastchat_bigdl import serve
+
+    parser = argparse.ArgumentParser(prog="fastchat-bigdl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastchat-bigdl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser(
+        "serve", help="Start controller, low-bit worker and OpenAI API server on loopback"
+    )
+    serve.add_serve_args(serve_parser)
+    serve_parser.set_defaults(run=serve.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Load a Hugging Face checkpoint through the low-bit library."""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import transformers
+from packaging.version import Version
+from transformers import AutoTokenizer
+
+from fastchat_bigdl.backend import LowBitBackend, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOW_BIT = "sym_int4"
+DEFAULT_ROPE_THETA = 10000.0
+
+
+class UnsupportedModel(RuntimeError):
+    """This model cannot be served correctly with the installed libraries."""
+
+
+def _read_config(model_path: str) -> dict:
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_model_supported(model_path: str) -> None:
+    """Refuse a model that the installed transformers would run wrongly.
+
+    transformers 4.31 (bigdl-llm 2.4.0's pin) ignores ``rope_theta``: a model with a
+    non-default RoPE base (SmolLM2, Llama-3, Qwen2) would load without error and
+    produce garbage, so we stop here instead.
+    """
+    config = _read_config(model_path)
+    rope_theta = config.get("rope_theta")
+    if rope_theta is None or float(rope_theta) == DEFAULT_ROPE_THETA:
+        return
+    try:
+        config_class = transformers.CONFIG_MAPPING[config.get("model_type", "")]
+    except KeyError:  # remote-code model: its own config class decides
+        return
+    if "rope_theta" in inspect.signature(config_class.__init__).parameters:
+        return
+    raise UnsupportedModel(
+        f"{model_path} uses rope_theta={rope_theta:g}, but transformers {transformers.__version__} "
+        f"ignores rope_theta for model_type {config.get('model_type')!r} and would serve wrong "
+        "output. Use the default stack (pip install 'fastchat-bigdl[cpu]', transformers 4.37)."
+    )
+
+
+def optimizations_supported(backend: LowBitBackend) -> bool:
+    """The library's model optimizations patch transformers internals; bigdl-llm 2.4.0's
+    patches only fit the transformers releases it was built against (measured: 4.31 ok,
+    5.x breaks)."""
+    if backend.distribution == "bigdl-llm":
+        return Version(transformers.__version__) < Version("4.35")
+    return True
+
+
+def load_tokenizer(model_path: str, revision: str = "main", trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(
+            model_path, use_fast=True, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except TypeError:  # some slow-only tokenizers
+        return AutoTokenizer.from_pretrained(
+            model_path, use_fast=False, revision=revision, trust_remote_code=trust_remote_code
+        )
+
+
+def load_low_bit_model(
+    model_path: str,
+    low_bit: str = DEFAULT_LOW_BIT,
+    torch_dtype=None,
+    revision: str = "main",
+    trust_remote_code: bool = False,
+    optimize_model: Optional[bool] = None,
+    backend: Optional[LowBitBackend] = None,
+):
+    """Convert ``model_path`` to ``low_bit`` on load; returns (model, tokenizer)."""
+    backend = backend or resolve_backend()
+    if low_bit not in backend.qtypes:
+        raise ValueError(
+            f"unknown low-bit format {low_bit!r} for {backend}; choose one of: "
+            + ", ".join(backend.qtypes)
+        )
+    check_model_supported(model_path)
+    if optimize_model is None:
+        optimize_model = optimizations_supported(backend)
+    started = time.monotonic()
+    logger.info(
+        "Loading %s with %s as %s (optimize_model=%s) ...", model_path, backend, low_bit, optimize_model
+    )
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    model = backend.auto_model_class.from_pretrained(
+        model_path,
+        load_in_low_bit=low_bit,
+        optimize_model=optimize_model,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        use_cache=True,
+        **kwargs,
+    )
+    model.eval()
+    tokenizer = load_tokenizer(model_path, revision, trust_remote_code)
+    logger.info("Converted %s to %s in %.1f s", model_path, low_bit, time.monotonic() - started)
+    return model, tokenizer

@@ -1,0 +1,249 @@
+"""``fastchat-bigdl serve``: FastChat's controller, the low-bit worker and FastChat's
+OpenAI API server as child processes on loopback, supervised as one stack."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import requests
+
+from fastchat_bigdl.netenv import bypass_proxy_for_loopback
+
+# The API server must not give up on a slow local decode before the client does.
+WORKER_API_TIMEOUT = 600
+STOP_GRACE_SECONDS = 10
+PROGRESS_MARKERS = ("fastchat_bigdl", "Converting", "Traceback", "Error", "error:")
+
+
+class StackError(RuntimeError):
+    """The stack could not start or a child died; the message has the details."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise StackError(f"{host}:{port} is already in use ({exc.strerror}); pass another --port") from None
+
+
+def _die_with_parent() -> None:
+    """Child-side: get SIGTERM if serve itself dies (even by SIGKILL), so no orphan
+    is left holding the model in memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: List[str]
+    log_path: Path
+    proc: Optional[subprocess.Popen] = None
+    _log_offset: int = 0
+
+    def start(self, env: dict) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches serve, which stops us in order
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(deque(f, maxlen=lines))
+        except OSError:
+            return ""
+
+    def new_log_lines(self) -> List[str]:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                f.seek(self._log_offset)
+                text = f.read()
+                self._log_offset = f.tell()
+        except OSError:
+            return []
+        return text.splitlines()
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Stack:
+    model_path: str
+    model_name: str
+    log_dir: Path
+    device: str = "cpu"
+    low_bit: str = "sym_int4"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_args: List[str] = field(default_factory=list)
+    python: str = sys.executable
+    children: List[Child] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        bypass_proxy_for_loopback(env)
+        env.setdefault("FASTCHAT_WORKER_API_TIMEOUT", str(WORKER_API_TIMEOUT))
+        env["LOGDIR"] = str(self.log_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def plan(self) -> List[Child]:
+        controller_port, worker_port = free_port(), free_port()
+        controller = f"http://127.0.0.1:{controller_port}"
+        worker = f"http://127.0.0.1:{worker_port}"
+        py = [self.python, "-m"]
+        return [
+            Child("controller", py + ["fastchat.serve.controller", "--host", "127.0.0.1",
+                                      "--port", str(controller_port)], self.log_dir / "controller.out"),
+            Child("worker", py + ["fastchat_bigdl.model_worker", "--bigdl_load", "--model-path", self.model_path,
+                                  "--model-names", self.model_name, "--device", self.device,
+                                  "--low-bit", self.low_bit, "--host", "127.0.0.1", "--port", str(worker_port),
+                                  "--worker-address", worker, "--controller-address", controller,
+                                  *self.worker_args], self.log_dir / "worker.out"),
+            Child("api", py + ["fastchat.serve.openai_api_server", "--host", self.host, "--port", str(self.port),
+                               "--controller-address", controller], self.log_dir / "api.out"),
+        ]
+
+    def start(self) -> None:
+        ensure_port_free(self.host, self.port)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children = self.plan()
+        env = self.env()
+        for child in self.children:
+            child.start(env)
+
+    def check_children(self) -> None:
+        for child in self.children:
+            if not child.alive():
+                code = child.proc.returncode if child.proc else None
+                raise StackError(
+                    f"the {child.name} process exited (code {code}); its last log lines "
+                    f"({child.log_path}):\n{child.tail()}"
+                )
+
+    def model_listed(self) -> bool:
+        try:
+            r = requests.get(self.base_url + "/models", timeout=5)
+            return r.ok and any(m.get("id") == self.model_name for m in r.json().get("data", []))
+        except (requests.RequestException, ValueError):
+            return False
+
+    def wait_ready(self, timeout: float, progress: Callable[[str], None] = print) -> None:
+        deadline = time.monotonic() + timeout
+        worker = next(c for c in self.children if c.name == "worker")
+        while time.monotonic() < deadline:
+            for line in worker.new_log_lines():
+                if any(marker in line for marker in PROGRESS_MARKERS):
+                    progress(f"  worker: {line.split(' | ')[-1].strip()}")
+            self.check_children()
+            if self.model_listed():
+                return
+            time.sleep(0.5)
+        raise StackError(f"{self.model_name} was not listed at {self.base_url}/models within {timeout:.0f} s")
+
+    def watch(self, poll: float = 1.0) -> None:
+        """Block until a child dies (raises StackError)."""
+        while True:
+            self.check_children()
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        # API server first (no new requests), controller last.
+        for child in reversed(self.children):
+            child.stop()
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default=None,
+                        help="Hugging Face checkpoint dir (default: the embedded SmolLM2-135M-Instruct demo)")
+    parser.add_argument("--model-name", default=None, help="Name served in the API (default: the dir name)")
+    parser.add_argument("--device", choices=["cpu", "xpu"], default="cpu")
+    parser.add_argument("--low-bit", default="sym_int4", help="Low-bit weight format (default sym_int4)")
+    parser.add_argument("--host", default="127.0.0.1", help="API server host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="API server port (default 8000)")
+    parser.add_argument("--log-dir", default=None, help="Where the three processes log")
+    parser.add_argument("--ready-timeout", type=float, default=900, help="Seconds to wait for the model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastchat_bigdl.demo_model import DemoModelMissing, cache_dir, ensure_demo_model
+
+    if args.model_path is None:
+        try:
+            print("fastchat-bigdl: preparing the demo model (converted once, then cached) ...", flush=True)
+            args.model_path = str(ensure_demo_model())
+        except DemoModelMissing as exc:
+            print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr)
+            return 2
+    model_path = args.model_path.rstrip("/")
+    stack = Stack(
+        model_path=model_path,
+        model_name=args.model_name or os.path.basename(model_path),
+        log_dir=Path(args.log_dir) if args.log_dir else cache_dir() / "logs" / time.strftime("%Y%m%d-%H%M%S"),
+        device=args.device,
+        low_bit=args.low_bit,
+        host=args.host,
+        port=args.port,
+    )
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        print(f"fastchat-bigdl: starting controller, worker ({args.device}, {args.low_bit}) and API server; "
+              f"logs in {stack.log_dir}", flush=True)
+        stack.start()
+        stack.wait_ready(args.ready_timeout, progress=lambda line: print(line, flush=True))
+        print(f"fastchat-bigdl ready: {stack.base_url} model={stack.model_name} (Ctrl-C to stop)", flush=True)
+        stack.watch()
+    except StackError as exc:
+        print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("fastchat-bigdl: stopping ...", flush=True)
+    finally:
+        stack.stop()
+    print("fastchat-bigdl: stopped", flush=True)
+    return 0

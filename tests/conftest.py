@@ -1,0 +1,31 @@
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# FastChat writes log files into $LOGDIR at import time; keep them out of the tree.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="fastchat-bigdl-test-logs-"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import CHATML_TEMPLATE, build_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Named like a real chat model so FastChat's Llama-2 adapter recognises it."""
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "Llama-2-7b-chat-hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml(tmp_path_factory) -> Path:
+    """A model FastChat has no adapter for, whose tokenizer carries a ChatML template."""
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tinyllm-instruct", chat_template=CHATML_TEMPLATE)
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FASTCHAT_BIGDL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,108 @@
+"""Shared test helpers: tiny local Llama checkpoints and real FastChat processes."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import requests
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "hello world how are you today",
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france paris is the capital",
+    "one two three four five six seven eight nine ten",
+] * 40
+
+
+def build_tiny_llama(
+    path: Path,
+    chat_template: Optional[str] = None,
+    rope_theta: Optional[float] = None,
+    hidden_size: int = 128,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A random-weight Llama with a byte-level BPE tokenizer trained on a tiny corpus.
+    Dims are multiples of 64, as the low-bit layers require."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    extra = {"chat_template": chat_template} if chat_template else {}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=specials[3:], **extra,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(path))
+    if chat_template:  # transformers 4.31 does not know chat_template: write it ourselves
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = chat_template
+        cfg_path.write_text(json.dumps(cfg))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    if rope_theta is not None:
+        cfg_path = path / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["rope_theta"] = rope_theta
+        cfg_path.write_text(json.dumps(cfg))
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def chat(base_url: str, model: str, content: str = "hello", **extra) -> requests.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0}
+    body.update(extra)
+    return requests.post(base_url + "/chat/completions", json=body, timeout=120)
+
+
+def pids_alive(pids) -> list:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # a zombie is dead for our purposes
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    continue
+        except OSError:
+            continue
+        alive.append(pid)
+    return alive

@@ -1,0 +1,101 @@
+"""`fastchat-bigdl serve` as a user runs it: one command, a ready line, clean stop."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastchat_bigdl.serve import free_port
+from helpers import chat, pids_alive, wait_for
+
+pytestmark = pytest.mark.slow
+
+READY = "fastchat-bigdl ready: "
+
+
+def start_serve(model_path, port, log_dir, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastchat_bigdl", "serve", "--model-path", str(model_path),
+         "--port", str(port), "--log-dir", str(log_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def read_until_ready(proc, timeout=240):
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(READY):
+            return line, lines
+    raise AssertionError("serve never printed its ready line:\n" + "".join(lines))
+
+
+def child_pids(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_starts_answers_and_stops_without_orphans(tiny_llama, tmp_path, sig):
+    port = free_port()
+    proc = start_serve(tiny_llama, port, tmp_path / "logs")
+    try:
+        ready, lines = read_until_ready(proc)
+        assert f"http://127.0.0.1:{port}/v1" in ready and "model=Llama-2-7b-chat-hf" in ready
+        assert any("worker:" in line and "sym_int4" in line for line in lines), "no load progress shown"
+        children = child_pids(proc.pid)
+        assert len(children) == 3
+        r = chat(f"http://127.0.0.1:{port}/v1", "Llama-2-7b-chat-hf")
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0
+        assert "stopped" in proc.stdout.read()
+        assert pids_alive(children) == []
+    finally:
+        proc.kill()
+
+
+def test_a_dying_child_is_reported_and_the_rest_stopped(tiny_llama, tmp_path):
+    port = free_port()
+    proc = start_serve(tiny_llama, port, tmp_path / "logs")
+    try:
+        read_until_ready(proc)
+        children = child_pids(proc.pid)
+        worker = next(p for p in children if "model_worker" in open(f"/proc/{p}/cmdline").read())
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(60) == 1
+        out = proc.stdout.read()
+        assert "the worker process exited" in out and "last log lines" in out
+        wait_for(lambda: pids_alive(children) == [], 30, "the other children to stop")
+    finally:
+        proc.kill()
+
+
+def test_port_in_use_is_a_clear_error(tiny_llama, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = start_serve(tiny_llama, port, tmp_path / "logs")
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{port} is already in use" in out and "--port" in out
+
+
+def test_killing_serve_itself_leaves_no_orphans(tiny_llama, tmp_path):
+    """Even a SIGKILL of serve leaves no model-holding orphans behind."""
+    proc = start_serve(tiny_llama, free_port(), tmp_path / "logs")
+    try:
+        read_until_ready(proc)
+        children = child_pids(proc.pid)
+        proc.kill()
+        wait_for(lambda: pids_alive(children) == [], 30, "children to exit after serve was killed")
+    finally:
+        proc.kill()

@@ -1,0 +1,71 @@
+"""Real controller, low-bit worker and OpenAI API server processes on loopback."""
+import json
+
+import pytest
+import requests
+
+from fastchat_bigdl.serve import Stack, free_port
+from helpers import chat, pids_alive
+
+pytestmark = [pytest.mark.slow, pytest.mark.backend]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_chatml, tmp_path_factory):
+    s = Stack(model_path=str(tiny_chatml), model_name="tinyllm-instruct",
+              log_dir=tmp_path_factory.mktemp("stack-logs"), port=free_port())
+    s.start()
+    try:
+        s.wait_ready(240, progress=lambda line: None)
+        yield s
+    finally:
+        s.stop()
+        assert pids_alive([c.proc.pid for c in s.children]) == []
+
+
+def worker_address(stack):
+    controller = next(c for c in stack.children if c.name == "controller")
+    port = controller.argv[controller.argv.index("--port") + 1]
+    r = requests.post(f"http://127.0.0.1:{port}/get_worker_address", json={"model": stack.model_name}, timeout=10)
+    return r.json()["address"]
+
+
+def test_models_lists_the_model(stack):
+    ids = [m["id"] for m in requests.get(stack.base_url + "/models", timeout=10).json()["data"]]
+    assert ids == ["tinyllm-instruct"]
+
+
+def test_chat_completion_returns_text_and_usage(stack):
+    r = chat(stack.base_url, stack.model_name, "hello world", max_tokens=8)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_streaming_returns_sse_chunks_ending_in_done(stack):
+    body = {"model": stack.model_name, "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8, "stream": True}
+    with requests.post(stack.base_url + "/chat/completions", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        events = [line[len(b"data: "):] for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 2 and all(c["id"].startswith("chatcmpl-") and c["choices"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_worker_renders_prompts_with_the_tokenizers_chat_template(stack):
+    conv = requests.post(worker_address(stack) + "/worker_get_conv_template", json={}, timeout=10).json()["conv"]
+    assert conv["name"] != "one_shot"
+    assert conv["roles"][0].startswith("<|im_start|>user")
+    assert conv["system_message"] == "You are a tiny test model"
+    assert conv["stop_str"] == "<|im_end|>"
+
+
+def test_worker_reports_the_context_length(stack):
+    r = requests.post(worker_address(stack) + "/model_details", json={}, timeout=10)
+    assert r.json()["context_length"] == 256
