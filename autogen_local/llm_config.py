@@ -1,0 +1,96 @@
+"""llm_config for the installed AutoGen, pointed at the local FastChat API."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from autogen_local import history
+from autogen_local.endpoint import (
+    DEFAULT_TIMEOUT,
+    list_models,
+    only_model,
+    resolve_api_key,
+    resolve_base_url,
+    wait_ready,
+)
+from autogen_local.flavor import AGENTCHAT, CLASSIC, LEGACY, detect_flavor
+from autogen_local.netenv import bypass_proxy_for_loopback
+
+# autogen-agentchat refuses model names it does not know unless told what they can do.
+LOCAL_MODEL_INFO = {
+    "vision": False,
+    "function_calling": False,
+    "json_output": False,
+    "structured_output": False,
+    "family": "unknown",
+}
+
+
+def _model(model: Optional[str], base_url: str, api_key: str, wait: Union[bool, float]) -> str:
+    if wait:
+        ready_timeout = DEFAULT_TIMEOUT if wait is True else float(wait)
+        return wait_ready(base_url, model, timeout=ready_timeout, api_key=api_key)
+    return model or only_model(list_models(base_url, api_key), base_url)
+
+
+def config(
+    model: Optional[str] = None,
+    base_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    wait: Union[bool, float] = True,
+    *,
+    flavor: Optional[str] = None,
+    history_limit: bool = True,
+    **extra,
+) -> dict:
+    """The llm_config the installed AutoGen expects, for the local server.
+
+    base_url: argument, else $FASTCHAT_BIGDL_BASE_URL, else http://127.0.0.1:8000/v1.
+    api_key: argument, else $OPENAI_API_KEY, else "EMPTY".
+    model=None takes the only model the server lists. wait=True (or a number of
+    seconds) first waits until the model answers. history_limit drops the oldest turns
+    when the server says the chat no longer fits the context (classic: here; legacy:
+    through ``patch()``; agentchat: ``model_client()``). ``extra`` is merged last.
+    """
+    bypass_proxy_for_loopback()
+    base_url, api_key = resolve_base_url(base_url), resolve_api_key(api_key)
+    model = _model(model, base_url, api_key, wait)
+    flavor = flavor or detect_flavor()
+    if flavor == LEGACY:
+        llm_config = {
+            "config_list": [{"model": model, "api_base": base_url, "api_key": api_key}],
+            "request_timeout": timeout,
+        }
+    elif flavor == CLASSIC:
+        entry = {"model": model, "base_url": base_url, "api_key": api_key, "price": [0, 0]}
+        if history_limit:
+            entry["http_client"] = history.trimming_client(timeout)
+        llm_config = {"config_list": [entry], "timeout": timeout, "cache_seed": None}
+    elif flavor == AGENTCHAT:
+        # keyword arguments of autogen_ext's OpenAIChatCompletionClient
+        llm_config = {"model": model, "base_url": base_url, "api_key": api_key, "timeout": timeout,
+                      "model_info": dict(LOCAL_MODEL_INFO)}
+        if history_limit:
+            llm_config["http_client"] = history.async_trimming_client(timeout)
+    else:
+        raise ValueError(f"unknown AutoGen flavor {flavor!r}")
+    llm_config.update(extra)
+    return llm_config
+
+
+def model_client(
+    model: Optional[str] = None,
+    base_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    wait: Union[bool, float] = True,
+    *,
+    history_limit: bool = True,
+    **extra,
+):
+    """An autogen-agentchat (0.4+) ``OpenAIChatCompletionClient`` for the local server."""
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    kwargs = config(model, base_url, api_key, timeout, wait, flavor=AGENTCHAT,
+                    history_limit=history_limit, **extra)
+    return OpenAIChatCompletionClient(**kwargs)

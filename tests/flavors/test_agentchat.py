@@ -1,0 +1,58 @@
+"""autogen-agentchat 0.4+ with autogen_local.model_client() against the served model."""
+import asyncio
+import sys
+
+import pytest
+
+import autogen_local
+
+autogen_agentchat = pytest.importorskip("autogen_agentchat")
+
+
+def test_importing_autogen_local_here_needs_no_torch():
+    assert "torch" not in sys.modules and autogen_local.detect_flavor() == "agentchat"
+
+
+def test_assistant_agent_completes_a_task(server):
+    from autogen_agentchat.agents import AssistantAgent
+
+    client = autogen_local.model_client(base_url=server.base_url, max_tokens=8)
+    assert client.model_info["family"] == "unknown"
+
+    async def run():
+        agent = AssistantAgent("assistant", model_client=client, system_message="You are helpful.")
+        try:
+            return await agent.run(task="hello world how are you today")
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    assert [m.source for m in result.messages] == ["user", "assistant"]
+    assert isinstance(result.messages[-1].content, str)
+    assert result.messages[-1].models_usage.prompt_tokens > 0
+
+
+def test_long_history_is_trimmed_by_the_async_client(server):
+    from autogen_core.models import AssistantMessage, SystemMessage, UserMessage
+
+    words = "the quick brown fox jumps over the lazy dog " * 5
+    messages = [SystemMessage(content="You are helpful.")]
+    for i in range(6):
+        messages.append(UserMessage(content=f"{i} {words}", source="user") if i % 2 == 0
+                        else AssistantMessage(content=f"{i} {words}", source="assistant"))
+    messages.append(UserMessage(content="and now?", source="user"))
+
+    async def create(history_limit):
+        client = autogen_local.model_client(server.model, server.base_url, wait=False,
+                                            history_limit=history_limit, max_tokens=4)
+        try:
+            return await client.create(messages)
+        finally:
+            await client.close()
+
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match="maximum context length is 256 tokens"):
+        asyncio.run(create(False))
+    result = asyncio.run(create(True))
+    assert result.usage.prompt_tokens < 256

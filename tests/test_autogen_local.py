@@ -1,0 +1,204 @@
+"""autogen_local on its own: import hygiene, defaults, config shapes, patching, trimming."""
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+import autogen_local
+from autogen_local import endpoint, flavor, history
+from autogen_local.flavor import AGENTCHAT, CLASSIC, LEGACY
+
+
+def test_import_pulls_in_no_torch_transformers_or_low_bit_library():
+    code = ("import sys, autogen_local; autogen_local.trim_messages; "
+            "print(sorted(m for m in ('torch', 'transformers', 'ipex_llm', 'bigdl', 'fastchat') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_import_keeps_proxies_off_loopback():
+    code = "import os, autogen_local; print(os.environ['no_proxy'])"
+    env = {"PATH": "/usr/bin:/bin", "no_proxy": "corp.example.com"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip().split(",") == ["corp.example.com", "localhost", "127.0.0.1", "::1"]
+
+
+def test_defaults_come_from_arguments_then_environment_then_builtin(monkeypatch):
+    monkeypatch.delenv(endpoint.BASE_URL_ENV, raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert endpoint.resolve_base_url() == "http://127.0.0.1:8000/v1"
+    assert endpoint.resolve_api_key() == "EMPTY"
+    monkeypatch.setenv(endpoint.BASE_URL_ENV, "http://127.0.0.1:9999/v1/")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    assert endpoint.resolve_base_url() == "http://127.0.0.1:9999/v1"
+    assert endpoint.resolve_api_key() == "sk-local"
+    assert endpoint.resolve_base_url("http://h:1/v1") == "http://h:1/v1"
+    assert endpoint.resolve_api_key("k") == "k"
+
+
+BASE = "http://127.0.0.1:8000/v1"
+
+
+def test_legacy_shape():
+    cfg = autogen_local.config("m", BASE, wait=False, flavor=LEGACY)
+    assert cfg == {"config_list": [{"model": "m", "api_base": BASE, "api_key": "EMPTY"}], "request_timeout": 600}
+
+
+def test_classic_shape(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = autogen_local.config("m", BASE, wait=False, flavor=CLASSIC, temperature=0)
+    entry = cfg["config_list"][0]
+    assert {k: entry[k] for k in ("model", "base_url", "api_key", "price")} == {
+        "model": "m", "base_url": BASE, "api_key": "EMPTY", "price": [0, 0]}
+    assert cfg["timeout"] == 600 and cfg["cache_seed"] is None and cfg["temperature"] == 0
+    assert isinstance(entry["http_client"]._transport, history.HistoryTrimmingTransport)
+    import copy
+
+    assert copy.deepcopy(cfg)["config_list"][0]["http_client"] is entry["http_client"]  # AutoGen deep-copies
+    assert "http_client" not in autogen_local.config("m", BASE, wait=False, flavor=CLASSIC,
+                                                     history_limit=False)["config_list"][0]
+
+
+def test_agentchat_shape_accepts_unknown_model_names():
+    cfg = autogen_local.config("m", BASE, wait=False, flavor=AGENTCHAT)
+    assert cfg["model_info"]["family"] == "unknown" and cfg["timeout"] == 600
+    assert isinstance(cfg["http_client"]._transport, history.AsyncHistoryTrimmingTransport)
+
+
+@pytest.mark.parametrize("versions, expected", [
+    ({"pyautogen": "0.1.14"}, LEGACY),
+    ({"pyautogen": "0.2.35"}, CLASSIC),
+    ({"ag2": "0.9.0", "autogen": "0.9.0"}, CLASSIC),
+    ({"pyautogen": "0.10.0", "autogen-agentchat": "0.7.5"}, AGENTCHAT),
+    ({"autogen-agentchat": "0.7.5"}, AGENTCHAT),
+])
+def test_flavor_detection(mocker, versions, expected):
+    from packaging.version import Version
+
+    mocker.patch.object(flavor, "_version", side_effect=lambda d: Version(versions[d]) if d in versions else None)
+    assert flavor.detect_flavor() == expected
+
+
+def test_no_autogen_is_a_clear_error(mocker):
+    mocker.patch.object(flavor, "_version", return_value=None)
+    with pytest.raises(flavor.AutoGenNotInstalled, match=r"fastchat-bigdl\[autogen\]"):
+        flavor.detect_flavor()
+
+
+@pytest.fixture
+def models_server():
+    """A stand-in /v1/models answering with a fixed list (client-side logic only)."""
+    listed = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": m} for m in listed]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", listed
+    server.shutdown()
+
+
+def test_model_none_takes_the_only_model(models_server):
+    url, listed = models_server
+    listed[:] = ["only-one"]
+    assert autogen_local.config(base_url=url, wait=False, flavor=CLASSIC)["config_list"][0]["model"] == "only-one"
+
+
+def test_model_none_with_several_models_lists_them(models_server):
+    url, listed = models_server
+    listed[:] = ["llama-2", "vicuna"]
+    with pytest.raises(autogen_local.ModelChoiceError, match="several models.*llama-2, vicuna.*model="):
+        autogen_local.config(base_url=url, wait=False, flavor=CLASSIC)
+    with pytest.raises(autogen_local.ModelChoiceError):
+        autogen_local.wait_ready(url, timeout=5)  # waiting cannot resolve an ambiguity
+
+
+def test_wait_ready_on_a_dead_endpoint_names_it(tmp_path):
+    from fastchat_bigdl.serve import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(autogen_local.EndpointNotReady) as err:
+        autogen_local.wait_ready(url, "my-model", timeout=1.5)
+    assert url in str(err.value) and "my-model" in str(err.value) and "listed nothing" in str(err.value)
+
+
+def msg(role, n, ch="x"):
+    return {"role": role, "content": ch * n}
+
+
+def test_trim_keeps_system_and_newest_and_drops_oldest_first():
+    messages = [msg("system", 10), msg("user", 100, "a"), msg("assistant", 100, "b"),
+                msg("user", 100, "c"), msg("assistant", 100, "d"), msg("user", 10, "e")]
+    # 420 chars ~ 420 tokens in a 300-token context with 75 kept free to answer: 195 must go
+    trimmed = autogen_local.trim_messages(messages, context_length=300, prompt_tokens=420)
+    assert trimmed[0] == messages[0] and trimmed[-1] == messages[-1]
+    assert trimmed[1]["role"] == "user"  # restarts on a user turn
+    assert trimmed == [messages[0]] + messages[3:]
+
+
+def test_trim_gives_up_when_only_the_newest_message_is_left():
+    assert autogen_local.trim_messages([msg("system", 5), msg("user", 500)], 100, 600) is None
+
+
+def test_overflow_counts_parse_fastchats_40303():
+    body = json.dumps({"object": "error", "code": 40303, "message": (
+        "This model's maximum context length is 256 tokens. However, your messages resulted in "
+        "939 tokens. Please reduce the length of the messages.")}).encode()
+    assert history.overflow_counts(body) == (256, 939)
+    assert history.overflow_counts(json.dumps({"code": 40301, "message": "x"}).encode()) is None
+    assert history.overflow_counts(b"not json") is None
+
+
+def autogen_files_digest():
+    import autogen
+
+    root = Path(autogen.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_patch_is_idempotent_reversible_and_writes_no_file(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    before = autogen_files_digest()
+    with autogen_local.patched(base_url="http://127.0.0.1:8123/v1"):
+        import os
+
+        assert os.environ["OPENAI_API_KEY"] == "EMPTY"
+        assert os.environ["OPENAI_BASE_URL"] == "http://127.0.0.1:8123/v1"
+        assert autogen_local.patch() == "already patched"
+        from openai import OpenAI
+
+        client = OpenAI()  # a plain client with no key now works and points at the local server
+        assert str(client.base_url).startswith("http://127.0.0.1:8123/v1")
+    import os
+
+    assert "OPENAI_API_KEY" not in os.environ and "OPENAI_BASE_URL" not in os.environ
+    autogen_local.unpatch()  # harmless when not patched
+    assert autogen_files_digest() == before
+
+
+def test_patch_keeps_a_users_own_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-mine")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with autogen_local.patched():
+        import os
+
+        assert os.environ["OPENAI_API_KEY"] == "sk-mine"
