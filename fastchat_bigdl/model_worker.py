@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import List, Optional
 from unittest import mock
 
@@ -39,6 +40,8 @@ from fastchat_bigdl.devices import (
     prepare_device,
 )
 from fastchat_bigdl.loader import DEFAULT_LOW_BIT, UnsupportedModel
+from fastchat_bigdl.low_bit_cache import LowBitCache
+from fastchat_bigdl.paths import low_bit_cache_dir
 from fastchat_bigdl.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
@@ -69,6 +72,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         low_bit_backend: Optional[str] = None,
         trust_remote_code: bool = False,
         optimize_model: Optional[bool] = None,
+        low_bit_cache: Optional[str] = None,
         revision: str = "main",
         conv_template: Optional[str] = None,
         stream_interval: int = 2,
@@ -97,6 +101,7 @@ class BigDLModelWorker(upstream.ModelWorker):
                 "trust_remote_code": trust_remote_code,
                 "optimize_model": optimize_model,
                 "backend": resolve_backend(low_bit_backend),
+                "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None,
             },
         )
         self.model = place_model(model, device)
@@ -211,6 +216,18 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "installed, else bigdl-llm).",
     )
     group.add_argument(
+        "--low-bit-cache",
+        default=None,
+        metavar="DIR",
+        help=f"Keep converted low-bit weights here, so later starts skip conversion "
+        f"(default {low_bit_cache_dir()}).",
+    )
+    group.add_argument(
+        "--no-low-bit-cache",
+        action="store_true",
+        help="Convert on every start; read and write no low-bit cache.",
+    )
+    group.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="Allow the model's own Python code from its repository (off by default).",
@@ -233,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 def own_options_given(argv: List[str]) -> List[str]:
     own = add_bigdl_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     known, _ = own.parse_known_args(argv)
-    return [opt for opt, dest in (("--low-bit", "low_bit"), ("--low-bit-backend", "low_bit_backend"),
-                                  ("--trust-remote-code", "trust_remote_code"),
-                                  ("--no-optimize-model", "no_optimize_model"))
-            if getattr(known, dest) not in (None, False)]
+    defaults = vars(own.parse_args([]))
+    return [own_option(own, dest) for dest, value in vars(known).items() if value != defaults[dest]]
+
+
+def own_option(parser: argparse.ArgumentParser, dest: str) -> str:
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
 
 
 def run_upstream(argv: List[str]) -> None:
@@ -274,6 +293,7 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
         low_bit_backend=args.low_bit_backend,
         trust_remote_code=args.trust_remote_code,
         optimize_model=False if args.no_optimize_model else None,
+        low_bit_cache=None if args.no_low_bit_cache else (args.low_bit_cache or str(low_bit_cache_dir())),
         revision=args.revision,
         conv_template=args.conv_template,
         stream_interval=args.stream_interval,

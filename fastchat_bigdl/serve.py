@@ -108,7 +108,7 @@ class Stack:
     model_name: str
     log_dir: Path
     device: str = "cpu"
-    low_bit: str = "sym_int4"
+    low_bit: Optional[str] = "sym_int4"
     host: str = "127.0.0.1"
     port: int = 8000
     worker_args: List[str] = field(default_factory=list)
@@ -128,22 +128,32 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def worker_argv(self, port: int, controller: str) -> List[str]:
+        """This package's low-bit worker; ``low_bit=None`` gives FastChat's stock worker
+        (full precision) on the same model, as the benchmark's baseline."""
+        if self.low_bit is None:
+            module, low_bit_args = "fastchat.serve.model_worker", []
+        else:
+            module, low_bit_args = "fastchat_bigdl.model_worker", ["--bigdl_load", "--low-bit", self.low_bit]
+        return [self.python, "-m", module, *low_bit_args, "--model-path", self.model_path,
+                "--model-names", self.model_name, "--device", self.device, "--host", "127.0.0.1",
+                "--port", str(port), "--worker-address", f"http://127.0.0.1:{port}",
+                "--controller-address", controller, *self.worker_args]
+
     def plan(self) -> List[Child]:
         controller_port, worker_port = free_port(), free_port()
         controller = f"http://127.0.0.1:{controller_port}"
-        worker = f"http://127.0.0.1:{worker_port}"
         py = [self.python, "-m"]
         return [
             Child("controller", py + ["fastchat.serve.controller", "--host", "127.0.0.1",
                                       "--port", str(controller_port)], self.log_dir / "controller.out"),
-            Child("worker", py + ["fastchat_bigdl.model_worker", "--bigdl_load", "--model-path", self.model_path,
-                                  "--model-names", self.model_name, "--device", self.device,
-                                  "--low-bit", self.low_bit, "--host", "127.0.0.1", "--port", str(worker_port),
-                                  "--worker-address", worker, "--controller-address", controller,
-                                  *self.worker_args], self.log_dir / "worker.out"),
+            Child("worker", self.worker_argv(worker_port, controller), self.log_dir / "worker.out"),
             Child("api", py + ["fastchat.serve.openai_api_server", "--host", self.host, "--port", str(self.port),
                                "--controller-address", controller], self.log_dir / "api.out"),
         ]
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
 
     def start(self) -> None:
         ensure_port_free(self.host, self.port)
@@ -171,7 +181,7 @@ class Stack:
 
     def wait_ready(self, timeout: float, progress: Callable[[str], None] = print) -> None:
         deadline = time.monotonic() + timeout
-        worker = next(c for c in self.children if c.name == "worker")
+        worker = self.child("worker")
         while time.monotonic() < deadline:
             for line in worker.new_log_lines():
                 if any(marker in line for marker in PROGRESS_MARKERS):
@@ -211,7 +221,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastchat_bigdl.demo_model import DemoModelMissing, cache_dir, ensure_demo_model
+    from fastchat_bigdl.demo_model import DemoModelMissing, ensure_demo_model
+    from fastchat_bigdl.paths import cache_dir
 
     if args.model_path is None:
         try:
@@ -230,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
     )
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_keyboard_interrupt)
     try:
         print(f"fastchat-bigdl: starting controller, worker ({args.device}, {args.low_bit}) and API server; "
               f"logs in {stack.log_dir}", flush=True)

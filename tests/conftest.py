@@ -7,6 +7,8 @@ import pytest
 
 # FastChat writes log files into $LOGDIR at import time; keep them out of the tree.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Converted models and low-bit weights go to a per-run cache, not the user's.
+os.environ.setdefault("FASTCHAT_BIGDL_CACHE", tempfile.mkdtemp(prefix="fastchat-bigdl-test-cache-"))
 os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="fastchat-bigdl-test-logs-"))
 sys.path.insert(0, str(Path(__file__).parent))
 

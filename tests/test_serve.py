@@ -16,11 +16,13 @@ pytestmark = pytest.mark.slow
 READY = "fastchat-bigdl ready: "
 
 
-def start_serve(model_path, port, log_dir, *extra):
+def start_serve(model_path, port, log_dir, *extra, ignore_sigint=False):
+    # A shell starts background jobs (`serve &`) with SIGINT ignored.
+    preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen(
         [sys.executable, "-m", "fastchat_bigdl", "serve", "--model-path", str(model_path),
          "--port", str(port), "--log-dir", str(log_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec,
     )
 
 
@@ -42,10 +44,11 @@ def child_pids(pid):
     return [int(p) for p in out.split()]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serve_starts_answers_and_stops_without_orphans(tiny_llama, tmp_path, sig):
+@pytest.mark.parametrize("sig, background", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["ctrl-c", "sigterm", "sigint-to-background-job"])
+def test_serve_starts_answers_and_stops_without_orphans(tiny_llama, tmp_path, sig, background):
     port = free_port()
-    proc = start_serve(tiny_llama, port, tmp_path / "logs")
+    proc = start_serve(tiny_llama, port, tmp_path / "logs", ignore_sigint=background)
     try:
         ready, lines = read_until_ready(proc)
         assert f"http://127.0.0.1:{port}/v1" in ready and "model=Llama-2-7b-chat-hf" in ready

@@ -5,7 +5,7 @@ import pytest
 import requests
 import torch
 
-from fastchat_bigdl.serve import Child, Stack, free_port
+from fastchat_bigdl.serve import Stack, free_port
 from helpers import pids_alive
 
 pytestmark = pytest.mark.slow
@@ -13,24 +13,19 @@ pytestmark = pytest.mark.slow
 PROMPT = "hello world how are"
 
 
-class UpstreamStack(Stack):
-    """The same three processes, with the worker started without --bigdl_load."""
-
-    def plan(self):
-        children = super().plan()
-        worker = children[1]
-        argv = [a for a in worker.argv if a != "--bigdl_load"]
-        i = argv.index("--low-bit")
-        del argv[i:i + 2]
-        children[1] = Child("worker", argv, worker.log_path)
-        return children
+def worker_without_bigdl_load(child):
+    if child.name == "worker":
+        child.argv[child.argv.index("fastchat.serve.model_worker")] = "fastchat_bigdl.model_worker"
+    return child
 
 
 def test_without_bigdl_load_the_upstream_worker_serves_fp32(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stack = UpstreamStack(model_path=str(tiny_llama), model_name="Llama-2-7b-chat-hf",
-                          log_dir=tmp_path, port=free_port())
+    # the same three processes, with fastchat_bigdl.model_worker started without --bigdl_load
+    stack = Stack(model_path=str(tiny_llama), model_name="Llama-2-7b-chat-hf", log_dir=tmp_path,
+                  port=free_port(), low_bit=None)
+    stack.plan = lambda plan=stack.plan: [worker_without_bigdl_load(c) for c in plan()]
     stack.start()
     try:
         stack.wait_ready(240, progress=lambda line: None)

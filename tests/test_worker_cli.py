@@ -68,3 +68,19 @@ def test_xpu_without_intel_gpu_is_one_clear_error(tiny_llama):
     out = run(["--bigdl_load", "--device", "xpu", "--model-path", str(tiny_llama), "--no-register"])
     assert out.returncode == 2
     assert "xpu" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], "default"),
+    (["--low-bit-cache", "/tmp/lb"], "/tmp/lb"),
+    (["--no-low-bit-cache"], None),
+])
+def test_low_bit_cache_flags_reach_the_worker(mocker, flags, expected):
+    from fastchat_bigdl.paths import low_bit_cache_dir
+
+    worker = mocker.patch.object(model_worker, "BigDLModelWorker")
+    parser = model_worker.build_parser()
+    args = parser.parse_args(["--bigdl_load", "--device", "cpu", *flags])
+    model_worker.create_bigdl_worker(args)
+    got = worker.call_args.kwargs["low_bit_cache"]
+    assert got == (str(low_bit_cache_dir()) if expected == "default" else expected)

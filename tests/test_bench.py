@@ -1,0 +1,103 @@
+"""`fastchat-bigdl bench`: the report's structure and sanity (speed is not asserted)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastchat_bigdl import bench
+from fastchat_bigdl.bench_model import QUICK_SHAPE, build_random_llama, words
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_model_prompts_are_exact_token_counts(tmp_path):
+    from transformers import AutoTokenizer
+
+    shape = QUICK_SHAPE
+    path = build_random_llama(tmp_path / "bench-m", shape)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert len(tok) == shape.vocab
+    text = words(37, seed=3, vocab=shape.vocab)
+    assert len(tok(text, add_special_tokens=False).input_ids) == 37
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert build_random_llama(path, shape) == path  # reused, not rebuilt
+
+
+def test_linear_param_count_matches_the_real_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = build_random_llama(tmp_path / "bench-m", QUICK_SHAPE)
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert linear == QUICK_SHAPE.linear_params
+    assert sum(p.numel() for p in model.parameters()) >= QUICK_SHAPE.params
+
+
+def fake_report(ours_tok_s=30.0, stock_tok_s=10.0):
+    def stack(low_bit, tok_s, ttfts, starts, loads, rss):
+        return {"low_bit": low_bit, "start_s": starts, "model_load_s": loads,
+                "decode": {"tok_s": tok_s, "ttft_s": ttfts[0], "runs": []},
+                "replay": [{"turn": i + 1, "ttft_s": t} for i, t in enumerate(ttfts)],
+                "replay_ttft_last_over_first": ttfts[-1] / ttfts[0], "peak_rss_mb": rss,
+                "roofline": {"tok_s": 100.0, "percent": tok_s, "bytes_per_token": 1.0}}
+
+    report = {"machine": {"bandwidth_gbs": 20.0, "cpus": 2}, "model": {"params": 3e8, "name": "m"},
+              "stacks": {bench.OURS: stack("sym_int4", ours_tok_s, [0.1, 0.12], [20.0, 8.0], [10.0, 1.0], 500),
+                         bench.STOCK: stack("fp32", stock_tok_s, [0.2, 0.8], [9.0], [], 1500)}}
+    report["ratios"] = bench.compare(report["stacks"][bench.OURS], report["stacks"][bench.STOCK])
+    report["targets"] = bench.targets(report)
+    return report
+
+
+def test_ratios_and_targets_are_computed_from_the_measurements():
+    report = fake_report()
+    r = report["ratios"]
+    assert r["decode_speedup"] == pytest.approx(3.0)
+    assert r["replay_last_turn_ttft_speedup"] == pytest.approx(0.8 / 0.12)
+    assert r["cached_model_load_speedup"] == pytest.approx(10.0)
+    assert r["cached_start_speedup"] == pytest.approx(2.5)
+    assert r["peak_rss_ratio"] == pytest.approx(1 / 3)
+    t = report["targets"]
+    assert t["decode >= 3x stock fp32"]["met"] and t["cached start >= 5x faster (model load)"]["met"]
+    assert t["replay turn-last TTFT <= 1.5x turn-1"]["met"] and not t["roofline >= 50%"]["met"]
+    assert not bench.targets(fake_report(ours_tok_s=20.0))["decode >= 3x stock fp32"]["met"]
+    table = bench.format_table(report)
+    assert "3.00x" in table and "NOT met" in table
+
+
+def test_roofline_uses_the_bytes_each_format_reads():
+    shape = QUICK_SHAPE
+    result = bench.StackResult("x", "sym_int4", decode=[{"tok_s": 10.0, "ttft_s": 0.1}],
+                               replay=[{"turn": 1, "ttft_s": 0.1}])
+    summary = bench.summarize(result, shape, bandwidth_gbs=10.0)
+    assert summary["roofline"]["bytes_per_token"] == pytest.approx(shape.linear_params * 18 / 32)
+    fp32 = bench.summarize(bench.StackResult("y", None, decode=result.decode, replay=result.replay), shape, 10.0)
+    assert fp32["roofline"]["tok_s"] == pytest.approx(summary["roofline"]["tok_s"] * (18 / 32) / 4)
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_table_json_and_plot(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastchat_bigdl", "bench", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "decode run 1/1" in out.stdout and "replay turn 3/3" in out.stdout  # progress shown
+    assert "decode tok/s" in out.stdout and "% of roofline" in out.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    assert report["machine"]["bandwidth_gbs"] > 0
+    for label in (bench.OURS, bench.STOCK):
+        stack = report["stacks"][label]
+        assert stack["decode"]["tok_s"] > 0 and 0 < stack["decode"]["ttft_s"] < 60
+        assert [t["turn"] for t in stack["replay"]] == [1, 2, 3]
+        history = [t["history_tokens"] for t in stack["replay"]]
+        assert history == sorted(history) and history[0] < history[-1]  # it grows each turn
+        assert all(t["ttft_s"] <= t["latency_s"] for t in stack["replay"])
+        assert stack["peak_rss_mb"] > 50 and stack["roofline"]["tok_s"] > 0
+    ours = report["stacks"][bench.OURS]
+    assert ours["low_bit"] == "sym_int4" and len(ours["start_s"]) == 2 and len(ours["model_load_s"]) == 2
+    assert report["ratios"]["decode_speedup"] == pytest.approx(
+        ours["decode"]["tok_s"] / report["stacks"][bench.STOCK]["decode"]["tok_s"])
+    assert set(report["targets"]) == {"decode >= 3x stock fp32", "replay turn-last TTFT <= 1.5x turn-1",
+                                      "cached start >= 5x faster (model load)", "roofline >= 50%"}
