@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import torch
 
@@ -39,6 +40,18 @@ def prepare_device(device: str) -> None:
             "is False). Check the GPU driver and the oneAPI runtime "
             "(source /opt/intel/oneapi/setvars.sh), or use --device cpu."
         )
+
+
+def use_physical_cores() -> int:
+    """One torch thread per physical core (hyperthreads only contend for the same
+    units on these memory-bound kernels), unless the user chose with OMP_NUM_THREADS."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
 
 
 def load_dtype(device: str) -> torch.dtype:

@@ -8,6 +8,7 @@ controller registration) serves a model loaded through ipex-llm / bigdl-llm.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import fastchat_bigdl  # registers the adapter and keeps proxies off loopback
 from fastchat.constants import ErrorCode
 from fastchat.model.model_adapter import get_generate_stream_function
 from fastchat.serve import model_worker as upstream
+from fastchat.serve.inference import generate_stream as fastchat_generate_stream
 from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import get_context_length
 
@@ -35,16 +37,21 @@ from fastchat_bigdl.devices import (
     SUPPORTED_DEVICES,
     DeviceUnavailable,
     empty_cache,
+    use_physical_cores,
     load_dtype,
     place_model,
     prepare_device,
 )
+from fastchat_bigdl.generation import generate_stream
+from fastchat_bigdl.kv_cache import PrefixCache
 from fastchat_bigdl.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.low_bit_cache import LowBitCache
 from fastchat_bigdl.paths import low_bit_cache_dir
 from fastchat_bigdl.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
+
+DEFAULT_PREFIX_CACHE_MB = 1024
 
 # Upstream options that select another loader; they cannot be combined with --bigdl_load.
 CONFLICTING_OPTIONS = {
@@ -73,6 +80,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         trust_remote_code: bool = False,
         optimize_model: Optional[bool] = None,
         low_bit_cache: Optional[str] = None,
+        prefix_cache_mb: int = 0,
         revision: str = "main",
         conv_template: Optional[str] = None,
         stream_interval: int = 2,
@@ -110,7 +118,12 @@ class BigDLModelWorker(upstream.ModelWorker):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_len = get_context_length(self.model.config)
-        self.generate_stream_func = guard_out_of_memory(get_generate_stream_function(self.model, model_path))
+        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
+        stream_func = get_generate_stream_function(self.model, model_path)
+        if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
+            stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache,
+                                            model_lock=threading.Lock())
+        self.generate_stream_func = guard_out_of_memory(stream_func)
         self.stream_interval = stream_interval
         self.embed_in_truncate = embed_in_truncate
         self.seed = seed
@@ -130,6 +143,8 @@ class BigDLModelWorker(upstream.ModelWorker):
         except DeviceOutOfMemory as exc:
             error = str(exc)
         # After the except block: the failed generation's frames and KV cache are gone.
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         empty_cache(self.device)
         logger.warning("out of %s memory; cache freed, still serving: %s", self.device, error)
         ret = {"text": out_of_memory_advice(self.device, self.low_bit, error),
@@ -228,6 +243,14 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Convert on every start; read and write no low-bit cache.",
     )
     group.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=DEFAULT_PREFIX_CACHE_MB,
+        metavar="MB",
+        help="Memory budget for reusing the KV cache of earlier requests whose tokens a new "
+        f"prompt starts with (agent chats resend their history); 0 disables (default {DEFAULT_PREFIX_CACHE_MB}).",
+    )
+    group.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="Allow the model's own Python code from its repository (off by default).",
@@ -294,6 +317,7 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
         trust_remote_code=args.trust_remote_code,
         optimize_model=False if args.no_optimize_model else None,
         low_bit_cache=None if args.no_low_bit_cache else (args.low_bit_cache or str(low_bit_cache_dir())),
+        prefix_cache_mb=args.prefix_cache_mb,
         revision=args.revision,
         conv_template=args.conv_template,
         stream_interval=args.stream_interval,
@@ -325,6 +349,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     args.device = args.device or "cpu"
     validate_bigdl_args(parser, args)
+    use_physical_cores()
     try:
         worker = create_bigdl_worker(args)
     except (BackendError, DeviceUnavailable, UnsupportedModel, ValueError, OSError) as exc:

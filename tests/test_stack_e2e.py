@@ -1,5 +1,6 @@
 """Real controller, low-bit worker and OpenAI API server processes on loopback."""
 import json
+import re
 
 import pytest
 import requests
@@ -69,3 +70,17 @@ def test_worker_renders_prompts_with_the_tokenizers_chat_template(stack):
 def test_worker_reports_the_context_length(stack):
     r = requests.post(worker_address(stack) + "/model_details", json={}, timeout=10)
     assert r.json()["context_length"] == 256
+
+
+def test_a_follow_up_turn_reuses_the_previous_turns_kv_cache(stack):
+    first = [{"role": "user", "content": "hello world how are you"}]
+    r1 = requests.post(stack.base_url + "/chat/completions", timeout=120, json={
+        "model": stack.model_name, "messages": first, "max_tokens": 6, "temperature": 0}).json()
+    answer = r1["choices"][0]["message"]["content"]
+    follow_up = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}]
+    r2 = requests.post(stack.base_url + "/chat/completions", timeout=120, json={
+        "model": stack.model_name, "messages": follow_up, "max_tokens": 6, "temperature": 0})
+    assert r2.status_code == 200
+    log = stack.child("worker").log_path.read_text()
+    reused = [int(n) for n in re.findall(r"prompt \d+ tokens: (\d+) reused", log)]
+    assert reused and max(reused) >= r1["usage"]["prompt_tokens"] - 2

@@ -1,0 +1,205 @@
+"""The worker's token loop: FastChat's ``generate_stream`` contract (same params, same
+yielded dicts), with three things FastChat's loop lacks:
+
+- KV prefix reuse (``kv_cache.PrefixCache``): only the part of the prompt not seen in an
+  earlier request is prefilled;
+- incremental detokenization: each token decodes a few-token window instead of the whole
+  output (FastChat re-decodes everything every ``stream_interval`` tokens);
+- stop strings matched on the new text only, including stops that span tokens, and
+  text that could still become a stop is held back, never emitted.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from fastchat.serve.inference import prepare_logits_processor
+
+from fastchat_bigdl.kv_cache import PrefixCache
+
+logger = logging.getLogger(__name__)
+
+
+class IncrementalDecoder:
+    """Streaming detokenizer (the prefix/read-offset scheme of TGI and vLLM): decodes a
+    small window around each new token, and waits while a multi-byte character is
+    incomplete (the window then ends in U+FFFD)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: List[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, spaces_between_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+
+class StopMatcher:
+    """Finds any of several stop strings in a growing text, looking only at the tail
+    where a new match can start."""
+
+    def __init__(self, stops):
+        if isinstance(stops, str):
+            stops = [stops]
+        self.stops = [s for s in (stops or []) if isinstance(s, str) and s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+
+    def find(self, text: str, new_chars: int) -> int:
+        """Index of the earliest stop that ends in the last ``new_chars`` chars, or -1."""
+        if not self.stops:
+            return -1
+        start = max(0, len(text) - new_chars - self.longest + 1)
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i != -1]
+        return min(hits) if hits else -1
+
+    def held_back(self, text: str) -> int:
+        """How many trailing chars could still be the start of a stop string."""
+        for n in range(min(self.longest - 1, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> int:
+    if temperature < 1e-5 or top_p < 1e-8:  # greedy, as FastChat
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1))
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    tokenizer,
+    params: Dict,
+    device: str,
+    context_len: int,
+    stream_interval: int = 2,
+    judge_sent_end: bool = False,
+    prefix_cache: Optional[PrefixCache] = None,
+    model_lock: Optional[threading.Lock] = None,
+) -> Iterator[Dict]:
+    """``model_lock``: FastChat runs up to --limit-worker-concurrency streams in threads;
+    holding it for each forward pass (never across a yield) makes them take turns token
+    by token instead of running the model concurrently."""
+    model_lock = model_lock or contextlib.nullcontext()
+    prompt = params["prompt"]
+    temperature = float(params.get("temperature", 1.0))
+    repetition_penalty = float(params.get("repetition_penalty", 1.0))
+    top_p = float(params.get("top_p", 1.0))
+    top_k = int(params.get("top_k", -1))
+    max_new_tokens = int(params.get("max_new_tokens", 256))
+    logprobs = params.get("logprobs", None)
+    echo = bool(params.get("echo", True))
+    stop = StopMatcher(params.get("stop", None))
+    stop_token_ids = set(params.get("stop_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        stop_token_ids.add(tokenizer.eos_token_id)
+    processors = prepare_logits_processor(temperature, repetition_penalty, top_p, top_k)
+
+    input_ids = tokenizer(prompt).input_ids
+    input_ids = input_ids[-max(1, context_len - max_new_tokens - 1):]  # FastChat's truncation
+    prompt_tokens = len(input_ids)
+
+    # Prompt logprobs need the logits of every prompt position: no reuse then.
+    past, reused = (None, 0)
+    if prefix_cache is not None and not (echo and logprobs is not None):
+        past, reused = prefix_cache.take(input_ids)
+    fed: List[int] = list(input_ids[:reused])
+    pending: List[int] = list(input_ids[reused:])
+    if prefix_cache is not None:
+        logger.info("prompt %d tokens: %d reused from the prefix cache, %d to prefill",
+                    prompt_tokens, reused, len(pending))
+
+    token_logprobs: List[Optional[float]] = []
+    tokens_text: List[str] = []
+    decoder = IncrementalDecoder(tokenizer)
+    text = ""
+    emitted = 0
+    generated: List[int] = []
+    finish_reason = None
+    out = None
+    try:
+        for step in range(max_new_tokens):
+            with model_lock:
+                out = model(input_ids=torch.as_tensor([pending], device=device), past_key_values=past,
+                            use_cache=True)
+            past = out.past_key_values
+            fed.extend(pending)
+            logits = out.logits[0, -1, :]
+            if step == 0 and echo and logprobs is not None:
+                shifted = torch.log_softmax(out.logits[0, :-1, :].float(), dim=-1)
+                token_logprobs = [None] + shifted.gather(1, torch.as_tensor(input_ids[1:])[:, None])[:, 0].tolist()
+                tokens_text = [tokenizer.decode([t]) for t in input_ids]
+            if processors:
+                history = torch.as_tensor([fed], device=logits.device) if repetition_penalty > 1.0 else None
+                scores = processors(history, logits[None, :])[0]
+            else:
+                scores = logits
+            token = _sample(scores, temperature, top_p)
+            generated.append(token)
+            if logprobs is not None:
+                token_logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
+                tokens_text.append(tokenizer.decode([token]))
+            if token in stop_token_ids:
+                finish_reason = "stop"
+                break
+            new_text = decoder.add(token)
+            text += new_text
+            hit = stop.find(text, len(new_text))
+            if hit != -1:
+                text = text[:hit]
+                finish_reason = "stop"
+                break
+            pending = [token]
+            if step % stream_interval == 0:
+                visible = len(text) - stop.held_back(text)
+                if visible > emitted:
+                    emitted = visible
+                    yield _chunk(prompt, text[:visible], echo, prompt_tokens, len(generated), None,
+                                 token_logprobs, tokens_text, logprobs)
+        else:
+            finish_reason = "length"
+        yield _chunk(prompt, text, echo, prompt_tokens, len(generated), finish_reason,
+                     token_logprobs, tokens_text, logprobs)
+    finally:
+        # ``fed`` is exactly what ``past`` holds; keep it for the next turn.
+        if prefix_cache is not None and past is not None and finish_reason is not None:
+            prefix_cache.put(fed, past)
+        del past, out
+        if device == "xpu" or str(device).startswith("xpu"):
+            torch.xpu.empty_cache()
+
+
+def _chunk(prompt, text, echo, prompt_tokens, completion_tokens, finish_reason,
+           token_logprobs, tokens_text, logprobs) -> Dict:
+    ret_logprobs = None
+    if logprobs is not None:
+        offsets, pos = [], 0
+        for piece in tokens_text:
+            offsets.append(pos)
+            pos += len(piece)
+        ret_logprobs = {"text_offset": offsets, "tokens": list(tokens_text),
+                        "token_logprobs": list(token_logprobs), "top_logprobs": [{}] * len(tokens_text)}
+    return {
+        "text": prompt + text if echo else text,
+        "logprobs": ret_logprobs,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "finish_reason": finish_reason,
+    }
