@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
 
 
-def _layers(kv):
+def kv_layers(kv):
     """(keys, values) per layer for DynamicCache-style and legacy tuple caches."""
     if hasattr(kv, "key_cache"):
         return list(zip(kv.key_cache, kv.value_cache))
@@ -23,14 +23,14 @@ def _layers(kv):
 
 
 def cache_length(kv) -> int:
-    layers = _layers(kv)
+    layers = kv_layers(kv)
     return layers[0][0].shape[-2] if layers else 0
 
 
 def cache_nbytes(kv) -> int:
     """Bytes held, counting preallocated storage (each storage once)."""
     seen, total = set(), 0
-    for keys, values in _layers(kv):
+    for keys, values in kv_layers(kv):
         for t in (keys, values):
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
@@ -41,7 +41,7 @@ def cache_nbytes(kv) -> int:
 
 def cache_prefix(kv, length: int):
     """A new cache of the same kind holding copies of the first ``length`` positions."""
-    layers = [(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in _layers(kv)]
+    layers = [(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in kv_layers(kv)]
     if not hasattr(kv, "key_cache"):
         return tuple(layers)
     copy = type(kv)()

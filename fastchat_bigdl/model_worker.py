@@ -11,7 +11,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import runpy
 import socket
 import sys
@@ -32,6 +31,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for
+from fastchat_bigdl.app_runner import run_app
 from fastchat_bigdl.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve_backend
 from fastchat_bigdl.devices import (
     SUPPORTED_DEVICES,
@@ -47,6 +47,7 @@ from fastchat_bigdl.kv_cache import PrefixCache
 from fastchat_bigdl.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.low_bit_cache import LowBitCache
 from fastchat_bigdl.paths import low_bit_cache_dir
+from fastchat_bigdl.validation import WORKER_CHECKS, ValidateRequests
 from fastchat_bigdl.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
@@ -326,15 +327,6 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
     )
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    ssl = {}
-    if args.ssl:
-        ssl = {"ssl_keyfile": os.environ["SSL_KEYFILE"], "ssl_certfile": os.environ["SSL_CERTFILE"]}
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **ssl)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Upstream defaults --device to cuda; in low-bit mode an unset device means cpu.
@@ -357,7 +349,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{parser.prog}: error: {exc}", file=sys.__stderr__, flush=True)
         sys.exit(2)
     worker.register_when_listening(args.host, args.port)
-    serve(args)
+    app.add_middleware(ValidateRequests, checks=WORKER_CHECKS)
+    run_app(app, args)
 
 
 if __name__ == "__main__":

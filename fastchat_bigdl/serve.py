@@ -22,11 +22,30 @@ from fastchat_bigdl.netenv import bypass_proxy_for_loopback
 # The API server must not give up on a slow local decode before the client does.
 WORKER_API_TIMEOUT = 600
 STOP_GRACE_SECONDS = 10
+API_KEYS_ENV = "FASTCHAT_BIGDL_API_KEYS"
 PROGRESS_MARKERS = ("fastchat_bigdl", "Converting", "Traceback", "Error", "error:")
 
 
 class StackError(RuntimeError):
     """The stack could not start or a child died; the message has the details."""
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, api_keys: Optional[str]) -> Optional[str]:
+    if is_loopback(host) or api_keys:
+        return None
+    return (f"the API server listens on {host} without API keys: anyone who can reach this port "
+            "can use the model. Pass --api-keys.")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,8 +131,14 @@ class Stack:
     host: str = "127.0.0.1"
     port: int = 8000
     worker_args: List[str] = field(default_factory=list)
+    api_keys: Optional[str] = None  # comma-separated, FastChat's --api-keys
     python: str = sys.executable
     children: List[Child] = field(default_factory=list)
+
+    @property
+    def api_module(self) -> str:
+        # The stock baseline (low_bit=None) keeps FastChat's own API server too.
+        return "fastchat.serve.openai_api_server" if self.low_bit is None else "fastchat_bigdl.openai_api_server"
 
     @property
     def base_url(self) -> str:
@@ -126,6 +151,8 @@ class Stack:
         env.setdefault("FASTCHAT_WORKER_API_TIMEOUT", str(WORKER_API_TIMEOUT))
         env["LOGDIR"] = str(self.log_dir)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.api_keys:  # by environment: FastChat logs its argv, keys must not land in logs
+            env[API_KEYS_ENV] = self.api_keys
         return env
 
     def worker_argv(self, port: int, controller: str) -> List[str]:
@@ -148,7 +175,7 @@ class Stack:
             Child("controller", py + ["fastchat.serve.controller", "--host", "127.0.0.1",
                                       "--port", str(controller_port)], self.log_dir / "controller.out"),
             Child("worker", self.worker_argv(worker_port, controller), self.log_dir / "worker.out"),
-            Child("api", py + ["fastchat.serve.openai_api_server", "--host", self.host, "--port", str(self.port),
+            Child("api", py + [self.api_module, "--host", self.host, "--port", str(self.port),
                                "--controller-address", controller], self.log_dir / "api.out"),
         ]
 
@@ -173,8 +200,9 @@ class Stack:
                 )
 
     def model_listed(self) -> bool:
+        headers = {"Authorization": f"Bearer {self.api_keys.split(',')[0]}"} if self.api_keys else {}
         try:
-            r = requests.get(self.base_url + "/models", timeout=5)
+            r = requests.get(self.base_url + "/models", headers=headers, timeout=5)
             return r.ok and any(m.get("id") == self.model_name for m in r.json().get("data", []))
         except (requests.RequestException, ValueError):
             return False
@@ -214,7 +242,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="Name served in the API (default: the dir name)")
     parser.add_argument("--device", choices=["cpu", "xpu"], default="cpu")
     parser.add_argument("--low-bit", default="sym_int4", help="Low-bit weight format (default sym_int4)")
-    parser.add_argument("--host", default="127.0.0.1", help="API server host (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="API server host (default 127.0.0.1; controller and worker always bind 127.0.0.1)")
+    parser.add_argument("--api-keys", default=os.environ.get(API_KEYS_ENV),
+                        help="Comma-separated API keys the API server requires (FastChat's --api-keys; "
+                        "default $FASTCHAT_BIGDL_API_KEYS)")
     parser.add_argument("--port", type=int, default=8000, help="API server port (default 8000)")
     parser.add_argument("--log-dir", default=None, help="Where the three processes log")
     parser.add_argument("--ready-timeout", type=float, default=900, help="Seconds to wait for the model")
@@ -240,7 +272,11 @@ def run(args: argparse.Namespace) -> int:
         low_bit=args.low_bit,
         host=args.host,
         port=args.port,
+        api_keys=args.api_keys,
     )
+    warning = exposure_warning(args.host, args.api_keys)
+    if warning:
+        print(f"fastchat-bigdl serve: warning: {warning}", file=sys.stderr, flush=True)
     # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_keyboard_interrupt)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastchat_bigdl.generation import generate_stream
-from fastchat_bigdl.kv_cache import PrefixCache, cache_length, cache_prefix
+from fastchat_bigdl.kv_cache import PrefixCache, cache_length, cache_prefix, kv_layers
 from fastchat_bigdl.loader import load_low_bit_model
 
 pytestmark = pytest.mark.backend
@@ -60,13 +60,14 @@ def test_a_stored_entry_is_never_mutated_by_later_requests(low_bit):
     prompt = "user: hello world how are you today assistant:"
     final(model, tokenizer, prompt, cache)
     (_, stored, _), = cache._entries.values()
-    snapshot = [k.clone() for k in stored.key_cache]
-    storage = [k.untyped_storage().data_ptr() for k in stored.key_cache]
+    keys = [k for k, _ in kv_layers(stored)]
+    snapshot = [k.clone() for k in keys]
+    storage = [k.untyped_storage().data_ptr() for k in keys]
     for i in range(3):  # continue the same prefix several ways
         final(model, tokenizer, prompt + f" and {i}", cache)
-    assert all(torch.equal(a, b) for a, b in zip(snapshot, stored.key_cache))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, keys))
     taken, n = cache.take(tokenizer(prompt + " again").input_ids)
-    assert n > 0 and all(k.untyped_storage().data_ptr() not in storage for k in taken.key_cache)
+    assert n > 0 and all(k.untyped_storage().data_ptr() not in storage for k, _ in kv_layers(taken))
 
 
 def test_cache_prefix_copies_exactly_the_first_positions(low_bit):
@@ -76,7 +77,7 @@ def test_cache_prefix_copies_exactly_the_first_positions(low_bit):
         kv = model(ids, use_cache=True).past_key_values
     part = cache_prefix(kv, 3)
     assert cache_length(part) == 3 and type(part) is type(kv)
-    assert torch.equal(part.key_cache[0], kv.key_cache[0][..., :3, :])
+    assert torch.equal(kv_layers(part)[0][0], kv_layers(kv)[0][0][..., :3, :])
 
 
 def FakeKV(n, width):

@@ -1,0 +1,116 @@
+"""Malformed and hostile requests against the real API server and worker: every one gets
+a 4xx in FastChat's error schema with a readable message, and the worker lives on."""
+import json
+
+import pytest
+import requests
+
+from fastchat_bigdl.serve import Stack, free_port
+from helpers import chat
+
+pytestmark = [pytest.mark.slow]
+
+M = "tinyllm-instruct"
+USER = [{"role": "user", "content": "hello"}]
+
+
+def body(**overrides):
+    data = {"model": M, "messages": USER, "max_tokens": 4}
+    data.update(overrides)
+    return data
+
+
+def nested(depth):
+    value = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# (name, route, payload: dict -> JSON, bytes -> raw)
+CASES = [
+    ("invalid JSON", "chat", b'{"model": "tinyllm-instruct", "messages": ['),
+    ("JSON array body", "chat", b"[1, 2, 3]"),
+    ("invalid UTF-8", "chat", b'{"model": "tinyllm-instruct", "messages": "\xff\xfe"}'),
+    ("deeply nested JSON", "chat", body(metadata=nested(200))),
+    ("missing model", "chat", {"messages": USER}),
+    ("model not a string", "chat", body(model=123)),
+    ("unknown model", "chat", body(model="gpt-4")),
+    ("missing messages", "chat", {"model": M}),
+    ("empty messages", "chat", body(messages=[])),
+    ("messages not a list", "chat", body(messages=123)),
+    ("message not an object", "chat", body(messages=["hello"])),
+    ("content null", "chat", body(messages=[{"role": "user", "content": None}])),
+    ("content a number", "chat", body(messages=[{"role": "user", "content": 42}])),
+    ("role tool", "chat", body(messages=USER + [{"role": "tool", "content": "42", "tool_call_id": "a"}])),
+    ("unknown role", "chat", body(messages=[{"role": "wizard", "content": "hi"}])),
+    ("missing role", "chat", body(messages=[{"content": "hi"}])),
+    ("bad content part", "chat", body(messages=[{"role": "user", "content": [{"type": "audio"}]}])),
+    ("negative max_tokens", "chat", body(max_tokens=-5)),
+    ("zero max_tokens", "chat", body(max_tokens=0)),
+    ("max_tokens a string", "chat", body(max_tokens="lots")),
+    ("huge max_tokens", "chat", body(max_tokens=10 ** 12)),
+    ("n zero", "chat", body(n=0)),
+    ("n huge", "chat", body(n=1000)),
+    ("n a string", "chat", body(n="two")),
+    ("stop a number", "chat", body(stop=5)),
+    ("stop list of numbers", "chat", body(stop=[1, 2])),
+    ("too many stops", "chat", body(stop=[f"s{i}" for i in range(100)])),
+    ("negative temperature", "chat", body(temperature=-1)),
+    ("temperature a string", "chat", body(temperature="hot")),
+    ("top_p out of range", "chat", body(top_p=5)),
+    ("stream not a bool", "chat", body(stream="yes")),
+    ("huge logit_bias", "chat", body(logit_bias={str(i): 1 for i in range(10000)})),
+    ("logit_bias not numbers", "chat", body(logit_bias={"1": "a lot"})),
+    ("1 MB prompt", "chat", body(messages=[{"role": "user", "content": "hello world " * 90000}])),
+    ("body over 4 MiB", "chat", body(messages=[{"role": "user", "content": "x" * (5 << 20)}])),
+    ("completion prompt a number", "completions", {"model": M, "prompt": 123}),
+    ("completion prompt empty list", "completions", {"model": M, "prompt": []}),
+    ("completion logprobs huge", "completions", {"model": M, "prompt": "hi", "logprobs": 1000}),
+    ("embeddings input a number", "embeddings", {"model": M, "input": 5}),
+    ("worker: invalid JSON", "worker_generate", b"{not json"),
+    ("worker: prompt missing", "worker_generate", {"max_new_tokens": 4}),
+    ("worker: max_new_tokens a string", "worker_generate", {"prompt": "hi", "max_new_tokens": "lots"}),
+    ("worker: stop_token_ids strings", "worker_generate_stream", {"prompt": "hi", "stop_token_ids": ["a"]}),
+    ("worker: count_token prompt a number", "count_token", {"prompt": 5}),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_chatml, tmp_path_factory):
+    s = Stack(model_path=str(tiny_chatml), model_name=M, log_dir=tmp_path_factory.mktemp("bad-input"),
+              port=free_port())
+    s.start()
+    try:
+        s.wait_ready(240, progress=lambda line: None)
+        yield s
+    finally:
+        s.stop()
+
+
+def url_for(stack, route):
+    if route.startswith("worker_") or route == "count_token":
+        controller = stack.child("controller")
+        port = controller.argv[controller.argv.index("--port") + 1]
+        worker = requests.post(f"http://127.0.0.1:{port}/get_worker_address", json={"model": M}, timeout=10)
+        return worker.json()["address"] + "/" + route
+    return f"{stack.base_url}/{route.replace('chat', 'chat/completions')}"
+
+
+@pytest.mark.parametrize("name, route, payload", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_a_clear_4xx(stack, name, route, payload):
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    r = requests.post(url_for(stack, route), data=data, headers={"Content-Type": "application/json"}, timeout=120)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    err = r.json()
+    assert err["object"] == "error" and isinstance(err["code"], int) and err["code"] >= 40000
+    assert isinstance(err["message"], str) and 10 < len(err["message"]) < 2000
+    assert "Traceback" not in r.text
+
+
+def test_the_worker_is_alive_and_serves_after_all_of_them(stack):
+    pid = stack.child("worker").proc.pid
+    assert len(CASES) >= 30
+    r = chat(stack.base_url, M)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    assert stack.child("worker").proc.pid == pid and stack.child("worker").alive()
