@@ -31,6 +31,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for
+from fastchat_bigdl.admission import AdmissionControl
 from fastchat_bigdl.app_runner import run_app
 from fastchat_bigdl.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve_backend
 from fastchat_bigdl.devices import (
@@ -53,6 +54,7 @@ from fastchat_bigdl.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_me
 logger = logging.getLogger("fastchat_bigdl.model_worker")
 
 DEFAULT_PREFIX_CACHE_MB = 1024
+DEFAULT_MAX_QUEUED = 64
 
 # Upstream options that select another loader; they cannot be combined with --bigdl_load.
 CONFLICTING_OPTIONS = {
@@ -252,6 +254,14 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"prompt starts with (agent chats resend their history); 0 disables (default {DEFAULT_PREFIX_CACHE_MB}).",
     )
     group.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=DEFAULT_MAX_QUEUED,
+        metavar="N",
+        help="Requests that may wait for a free slot (beyond --limit-worker-concurrency); more "
+        f"are answered at once with FastChat's overload error 42903 (default {DEFAULT_MAX_QUEUED}).",
+    )
+    group.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="Allow the model's own Python code from its repository (off by default).",
@@ -350,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
     worker.register_when_listening(args.host, args.port)
     app.add_middleware(ValidateRequests, checks=WORKER_CHECKS)
+    app.add_middleware(AdmissionControl, worker=worker, max_queued=args.max_queued_requests)
     run_app(app, args)
 
 

@@ -10,10 +10,11 @@ from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.app_runner import run_app
 from fastchat_bigdl.serve import API_KEYS_ENV
-from fastchat_bigdl.validation import OPENAI_CHECKS, ValidateRequests
+from fastchat_bigdl.validation import OPENAI_CHECKS, ClearServerErrors, ValidateRequests
 
 app = upstream.app
 app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
+app.add_middleware(ClearServerErrors)
 
 
 def main() -> None:

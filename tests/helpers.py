@@ -1,6 +1,7 @@
 """Shared test helpers: tiny local Llama checkpoints and real FastChat processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -106,3 +107,27 @@ def pids_alive(pids) -> list:
             continue
         alive.append(pid)
     return alive
+
+
+@contextlib.contextmanager
+def running_stack(**kwargs):
+    """controller + low-bit worker + API server on free loopback ports, ready to serve."""
+    from fastchat_bigdl.serve import Stack, free_port
+
+    kwargs.setdefault("port", free_port())
+    stack = Stack(**kwargs)
+    stack.start()
+    try:
+        stack.wait_ready(240, progress=lambda line: None)
+        yield stack
+    finally:
+        stack.stop()
+    assert pids_alive([c.proc.pid for c in stack.children]) == []
+
+
+def worker_address(stack) -> str:
+    """The worker's own address, as the controller hands it out."""
+    controller = stack.child("controller")
+    port = controller.argv[controller.argv.index("--port") + 1]
+    r = requests.post(f"http://127.0.0.1:{port}/get_worker_address", json={"model": stack.model_name}, timeout=10)
+    return r.json()["address"]

@@ -5,8 +5,7 @@ import json
 import pytest
 import requests
 
-from fastchat_bigdl.serve import Stack, free_port
-from helpers import chat
+from helpers import chat, running_stack, worker_address
 
 pytestmark = [pytest.mark.slow]
 
@@ -78,22 +77,13 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def stack(tiny_chatml, tmp_path_factory):
-    s = Stack(model_path=str(tiny_chatml), model_name=M, log_dir=tmp_path_factory.mktemp("bad-input"),
-              port=free_port())
-    s.start()
-    try:
-        s.wait_ready(240, progress=lambda line: None)
+    with running_stack(model_path=str(tiny_chatml), model_name=M, log_dir=tmp_path_factory.mktemp("bad-input")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def url_for(stack, route):
     if route.startswith("worker_") or route == "count_token":
-        controller = stack.child("controller")
-        port = controller.argv[controller.argv.index("--port") + 1]
-        worker = requests.post(f"http://127.0.0.1:{port}/get_worker_address", json={"model": M}, timeout=10)
-        return worker.json()["address"] + "/" + route
+        return worker_address(stack) + "/" + route
     return f"{stack.base_url}/{route.replace('chat', 'chat/completions')}"
 
 

@@ -5,30 +5,16 @@ import re
 import pytest
 import requests
 
-from fastchat_bigdl.serve import Stack, free_port
-from helpers import chat, pids_alive
+from helpers import chat, running_stack, worker_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend]
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_chatml, tmp_path_factory):
-    s = Stack(model_path=str(tiny_chatml), model_name="tinyllm-instruct",
-              log_dir=tmp_path_factory.mktemp("stack-logs"), port=free_port())
-    s.start()
-    try:
-        s.wait_ready(240, progress=lambda line: None)
+    with running_stack(model_path=str(tiny_chatml), model_name="tinyllm-instruct",
+                       log_dir=tmp_path_factory.mktemp("stack-logs")) as s:
         yield s
-    finally:
-        s.stop()
-        assert pids_alive([c.proc.pid for c in s.children]) == []
-
-
-def worker_address(stack):
-    controller = next(c for c in stack.children if c.name == "controller")
-    port = controller.argv[controller.argv.index("--port") + 1]
-    r = requests.post(f"http://127.0.0.1:{port}/get_worker_address", json={"model": stack.model_name}, timeout=10)
-    return r.json()["address"]
 
 
 def test_models_lists_the_model(stack):

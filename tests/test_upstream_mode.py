@@ -1,5 +1,4 @@
 """Without --bigdl_load the worker is upstream FastChat's, loading in full precision."""
-import sys
 
 import pytest
 import requests
