@@ -1,4 +1,4 @@
-"""Keep a growing agent chat inside the model's context.
+"""Keep a growing agent chat inside the model's context, and survive a lost worker.
 
 FastChat answers a prompt longer than the context with error 40303, stating both token
 counts. The transports here catch exactly that answer, drop the oldest turns (never the
@@ -6,15 +6,23 @@ system message or the newest message) by the stated overshoot plus room to answe
 resend. Nothing is trimmed while the chat fits, and the server does the counting, so no
 tokenizer is needed here. Used by openai>=1 clients (classic AutoGen, agentchat) through
 an httpx transport and by openai 0.28 (legacy AutoGen) through a requests adapter.
+
+The same transports retry a request once when the API server says its worker died or is
+unreachable (HTTP 503, code 50006): FastChat's controller dispatches the retry to another
+registered worker, so an agent chat loses no turn when one of several workers goes away.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from typing import List, Optional
 
 CONTEXT_OVERFLOW = 40303  # FastChat's ErrorCode.CONTEXT_OVERFLOW
+WORKER_LOST = 50006  # FastChat's CONTROLLER_WORKER_TIMEOUT, as fastchat_bigdl's API server answers it
 MAX_RESENDS = 6
+RETRY_DELAY = 0.5
 _COUNTS = re.compile(r"maximum context length is (\d+) tokens\. However, your messages resulted in (\d+) tokens")
 
 
@@ -76,6 +84,15 @@ def _retrimmed(request_body: bytes, error_body: bytes) -> Optional[bytes]:
     return json.dumps(payload).encode()
 
 
+def worker_lost(status: int, body: bytes) -> bool:
+    if status != 503:
+        return False
+    try:
+        return json.loads(body).get("code") == WORKER_LOST
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
 def _is_chat(url: str) -> bool:
     return str(url).rstrip("/").endswith("/chat/completions")
 
@@ -100,6 +117,10 @@ if httpx is not None:
 
         def handle_request(self, request):
             response = self.inner.handle_request(request)
+            if response.status_code == 503 and worker_lost(503, response.read()):
+                response.close()
+                time.sleep(RETRY_DELAY)
+                response = self.inner.handle_request(request)
             if not _is_chat(request.url):
                 return response
             for _ in range(MAX_RESENDS):
@@ -125,6 +146,10 @@ if httpx is not None:
 
         async def handle_async_request(self, request):
             response = await self.inner.handle_async_request(request)
+            if response.status_code == 503 and worker_lost(503, await response.aread()):
+                await response.aclose()
+                await asyncio.sleep(RETRY_DELAY)
+                response = await self.inner.handle_async_request(request)
             if not _is_chat(request.url):
                 return response
             for _ in range(MAX_RESENDS):
@@ -167,6 +192,9 @@ def trimming_requests_session():
     class HistoryTrimmingAdapter(HTTPAdapter):
         def send(self, request, **kwargs):
             response = super().send(request, **kwargs)
+            if worker_lost(response.status_code, response.content):
+                time.sleep(RETRY_DELAY)
+                response = super().send(request, **kwargs)
             if not _is_chat(request.url):
                 return response
             for _ in range(MAX_RESENDS):

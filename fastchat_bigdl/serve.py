@@ -132,8 +132,11 @@ class Stack:
     port: int = 8000
     worker_args: List[str] = field(default_factory=list)
     api_keys: Optional[str] = None  # comma-separated, FastChat's --api-keys
+    workers: int = 1
     python: str = sys.executable
     children: List[Child] = field(default_factory=list)
+    controller_url: str = ""
+    _reported: set = field(default_factory=set)
 
     @property
     def api_module(self) -> str:
@@ -168,19 +171,36 @@ class Stack:
                 "--controller-address", controller, *self.worker_args]
 
     def plan(self) -> List[Child]:
-        controller_port, worker_port = free_port(), free_port()
-        controller = f"http://127.0.0.1:{controller_port}"
+        controller_port = free_port()
+        self.controller_url = f"http://127.0.0.1:{controller_port}"
         py = [self.python, "-m"]
+        workers = []
+        for i in range(1, self.workers + 1):
+            name = "worker" if i == 1 else f"worker-{i}"
+            workers.append(Child(name, self.worker_argv(free_port(), self.controller_url),
+                                 self.log_dir / f"{name}.out"))
         return [
             Child("controller", py + ["fastchat.serve.controller", "--host", "127.0.0.1",
                                       "--port", str(controller_port)], self.log_dir / "controller.out"),
-            Child("worker", self.worker_argv(worker_port, controller), self.log_dir / "worker.out"),
+            *workers,
             Child("api", py + [self.api_module, "--host", self.host, "--port", str(self.port),
-                               "--controller-address", controller], self.log_dir / "api.out"),
+                               "--controller-address", self.controller_url], self.log_dir / "api.out"),
         ]
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
+
+    @property
+    def worker_children(self) -> List[Child]:
+        return [c for c in self.children if c.name.startswith("worker")]
+
+    def registered_workers(self) -> int:
+        """How many registered workers answer the controller (each reports speed 1)."""
+        try:
+            r = requests.post(self.controller_url + "/worker_get_status", timeout=5)
+            return int(r.json().get("speed", 0)) if r.ok else 0
+        except (requests.RequestException, ValueError):
+            return 0
 
     def start(self) -> None:
         ensure_port_free(self.host, self.port)
@@ -190,14 +210,23 @@ class Stack:
         for child in self.children:
             child.start(env)
 
-    def check_children(self) -> None:
+    def check_children(self, report: Optional[Callable[[str], None]] = None) -> None:
+        """Raise StackError when the stack can no longer serve: the controller or the API
+        server died, or every worker did. With several workers, a dead one is reported
+        (once, through ``report``) and the survivors keep serving."""
+        live_workers = [c for c in self.worker_children if c.alive()]
         for child in self.children:
-            if not child.alive():
-                code = child.proc.returncode if child.proc else None
-                raise StackError(
-                    f"the {child.name} process exited (code {code}); its last log lines "
-                    f"({child.log_path}):\n{child.tail()}"
-                )
+            if child.alive():
+                continue
+            code = child.proc.returncode if child.proc else None
+            message = (f"the {child.name} process exited (code {code}); its last log lines "
+                       f"({child.log_path}):\n{child.tail()}")
+            if child in self.worker_children and live_workers and report is not None:
+                if child.name not in self._reported:
+                    self._reported.add(child.name)
+                    report(message + f"\n{len(live_workers)} worker(s) keep serving")
+                continue
+            raise StackError(message)
 
     def model_listed(self) -> bool:
         headers = {"Authorization": f"Bearer {self.api_keys.split(',')[0]}"} if self.api_keys else {}
@@ -215,15 +244,15 @@ class Stack:
                 if any(marker in line for marker in PROGRESS_MARKERS):
                     progress(f"  worker: {line.split(' | ')[-1].strip()}")
             self.check_children()
-            if self.model_listed():
+            if self.model_listed() and self.registered_workers() >= self.workers:
                 return
             time.sleep(0.5)
         raise StackError(f"{self.model_name} was not listed at {self.base_url}/models within {timeout:.0f} s")
 
-    def watch(self, poll: float = 1.0) -> None:
-        """Block until a child dies (raises StackError)."""
+    def watch(self, poll: float = 1.0, report: Callable[[str], None] = print) -> None:
+        """Block until the stack cannot serve any more (raises StackError)."""
         while True:
-            self.check_children()
+            self.check_children(report)
             time.sleep(poll)
 
     def stop(self) -> None:
@@ -248,7 +277,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="Comma-separated API keys the API server requires (FastChat's --api-keys; "
                         "default $FASTCHAT_BIGDL_API_KEYS)")
     parser.add_argument("--port", type=int, default=8000, help="API server port (default 8000)")
-    parser.add_argument("--log-dir", default=None, help="Where the three processes log")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Low-bit workers to start behind the controller (each loads the model)")
+    parser.add_argument("--log-dir", default=None, help="Where the processes log")
     parser.add_argument("--ready-timeout", type=float, default=900, help="Seconds to wait for the model")
 
 
@@ -273,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_keys=args.api_keys,
+        workers=args.workers,
     )
     warning = exposure_warning(args.host, args.api_keys)
     if warning:
@@ -286,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         stack.start()
         stack.wait_ready(args.ready_timeout, progress=lambda line: print(line, flush=True))
         print(f"fastchat-bigdl ready: {stack.base_url} model={stack.model_name} (Ctrl-C to stop)", flush=True)
-        stack.watch()
+        stack.watch(report=lambda message: print(f"fastchat-bigdl serve: {message}", file=sys.stderr, flush=True))
     except StackError as exc:
         print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -202,3 +202,57 @@ def test_patch_keeps_a_users_own_key(monkeypatch):
         import os
 
         assert os.environ["OPENAI_API_KEY"] == "sk-mine"
+
+
+@pytest.fixture
+def flaky_server():
+    """Answers the first chat request the way the API server does when its worker died."""
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(self.path)
+            if len(calls) == 1:
+                status, body = 503, {"object": "error", "code": calls_code[0], "message": "worker stopped"}
+            else:
+                status, body = 200, {"ok": True}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    calls_code = [50006]
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", calls, calls_code
+    server.shutdown()
+
+
+def test_a_request_whose_worker_died_is_retried_once(flaky_server):
+    url, calls, _ = flaky_server
+    r = history.trimming_client(timeout=10).post(url + "/chat/completions", json={"messages": []})
+    assert r.status_code == 200 and len(calls) == 2
+
+
+def test_the_async_client_retries_too(flaky_server):
+    import asyncio
+
+    url, calls, _ = flaky_server
+
+    async def post():
+        async with history.async_trimming_client(timeout=10) as client:
+            return await client.post(url + "/chat/completions", json={"messages": []})
+
+    assert asyncio.run(post()).status_code == 200 and len(calls) == 2
+
+
+def test_other_errors_are_not_retried(flaky_server):
+    url, calls, code = flaky_server
+    code[0] = 50001
+    r = history.trimming_client(timeout=10).post(url + "/chat/completions", json={"messages": []})
+    assert r.status_code == 503 and len(calls) == 1
