@@ -1,5 +1,12 @@
 """fastchat-bigdl: serve LLMs in low-bit on Intel GPUs and CPUs through FastChat."""
-from fastchat_bigdl.netenv import bypass_proxy_for_loopback
+import os as _os
+
+# The proxy settings as the user has them, for `fastchat-bigdl doctor` to diagnose
+# (taken before autogen_local, imported next, adds loopback to no_proxy).
+ORIGINAL_PROXY_ENV = {k: _os.environ.get(k) for k in
+                      ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")}
+
+from fastchat_bigdl.netenv import bypass_proxy_for_loopback  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from fastchat_bigdl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastchat_bigdl import bench, serve
+    from fastchat_bigdl import bench, doctor, serve
 
     parser = argparse.ArgumentParser(prog="fastchat-bigdl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastchat-bigdl {__version__}")
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_bench_args(bench_parser)
     bench_parser.set_defaults(run=bench.main_args)
+    doctor_parser = commands.add_parser("doctor", help="Check versions, devices, proxy settings and a running stack")
+    doctor.add_doctor_args(doctor_parser)
+    doctor_parser.set_defaults(run=doctor.main_args)
     return parser
 
 
