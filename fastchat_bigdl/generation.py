@@ -182,7 +182,7 @@ def generate_stream(
         if prefix_cache is not None and past is not None and finish_reason is not None:
             prefix_cache.put(fed, past)
         del past, out
-        if device == "xpu" or str(device).startswith("xpu"):
+        if str(device).startswith("xpu"):
             torch.xpu.empty_cache()
 
 

@@ -10,7 +10,8 @@ from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.app_runner import run_app
 from fastchat_bigdl.serve import API_KEYS_ENV
-from fastchat_bigdl.validation import OPENAI_CHECKS, ClearServerErrors, ValidateRequests
+from fastchat_bigdl.server_errors import ClearServerErrors
+from fastchat_bigdl.validation import OPENAI_CHECKS, ValidateRequests
 
 app = upstream.app
 app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
