@@ -98,23 +98,15 @@ def devices() -> List[Check]:
 def proxy(original_env: Dict[str, Optional[str]]) -> List[Check]:
     """Whether a request to the local server would go through a proxy, judged on the
     environment as the user set it (fastchat_bigdl has already patched its own)."""
-    import requests.utils
+    import urllib.request
 
     env = {k: v for k, v in original_env.items() if v is not None}
     shown = ", ".join(f"{k}={v}" for k, v in env.items()) or "no proxy variables set"
-    saved = {k: os.environ.get(k) for k in PROXY_VARS}
-    try:
-        for k in PROXY_VARS:
-            os.environ.pop(k, None)
-        os.environ.update(env)
-        caught = [host for host in ("127.0.0.1", "localhost")
-                  if requests.utils.get_environ_proxies(f"http://{host}:8000/v1")]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # Like requests/curl: the lower-case variable wins; loopback URLs are plain http.
+    http_proxy = env.get("http_proxy") or env.get("HTTP_PROXY")
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    caught = [host for host in ("127.0.0.1", "localhost")
+              if http_proxy and not urllib.request.proxy_bypass_environment(host, {"no": no_proxy})]
     if not caught:
         return [Check("proxy", True, f"loopback is not proxied ({shown})")]
     return [Check("proxy", False,

@@ -126,6 +126,11 @@ def generate_stream(
         logger.info("prompt %d tokens: %d reused from the prefix cache, %d to prefill",
                     prompt_tokens, reused, len(pending))
 
+    # Token history for the repetition penalty, filled in place: no per-token list->tensor copy.
+    history = (torch.empty(1, len(input_ids) + max_new_tokens, dtype=torch.long, device=device)
+               if repetition_penalty > 1.0 else None)
+    if history is not None:
+        history[0, :len(fed)] = torch.as_tensor(fed, dtype=torch.long)
     token_logprobs: List[Optional[float]] = []
     tokens_text: List[str] = []
     decoder = IncrementalDecoder(tokenizer)
@@ -140,6 +145,8 @@ def generate_stream(
                 out = model(input_ids=torch.as_tensor([pending], device=device), past_key_values=past,
                             use_cache=True)
             past = out.past_key_values
+            if history is not None:
+                history[0, len(fed):len(fed) + len(pending)] = torch.as_tensor(pending, dtype=torch.long)
             fed.extend(pending)
             logits = out.logits[0, -1, :]
             if step == 0 and echo and logprobs is not None:
@@ -147,8 +154,8 @@ def generate_stream(
                 token_logprobs = [None] + shifted.gather(1, torch.as_tensor(input_ids[1:])[:, None])[:, 0].tolist()
                 tokens_text = [tokenizer.decode([t]) for t in input_ids]
             if processors:
-                history = torch.as_tensor([fed], device=logits.device) if repetition_penalty > 1.0 else None
-                scores = processors(history, logits[None, :])[0]
+                seen = history[:, :len(fed)] if history is not None else None
+                scores = processors(seen, logits[None, :])[0]
             else:
                 scores = logits
             token = _sample(scores, temperature, top_p)
