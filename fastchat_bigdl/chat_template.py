@@ -9,6 +9,7 @@ from the rendered pieces and keep it only if it reproduces the template too.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Dict, List, Optional
 
@@ -45,20 +46,25 @@ def tokenizer_chat_template(tokenizer) -> Optional[str]:
     return template if isinstance(template, str) and template.strip() else None
 
 
-def render(template: str, messages: List[Dict[str, str]], tokenizer) -> str:
+def render(template: str, messages: List[Dict[str, str]], tokenizer, **variables) -> str:
     """Render like transformers' apply_chat_template(tokenize=False), minus a BOS the
-    template adds itself (FastChat prompts leave the BOS to the tokenizer)."""
+    template adds itself (FastChat prompts leave the BOS to the tokenizer). ``variables``
+    go to the template as well (``tools=[...]``)."""
 
     def raise_exception(message):
         raise TemplateError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    # As transformers does: Jinja's own tojson HTML-escapes '<', which tool schemas must not get.
+    env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False, separators=None, sort_keys=False: \
+        json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
     text = env.from_string(template).render(
         messages=messages,
         add_generation_prompt=True,
         bos_token=tokenizer.bos_token or "",
         eos_token=tokenizer.eos_token or "",
+        **variables,
     )
     bos = tokenizer.bos_token
     if bos and "bos_token" in template and text.startswith(bos):

@@ -6,7 +6,9 @@ yielded dicts), with three things FastChat's loop lacks:
 - incremental detokenization: each token decodes a few-token window instead of the whole
   output (FastChat re-decodes everything every ``stream_interval`` tokens);
 - stop strings matched on the new text only, including stops that span tokens, and
-  text that could still become a stop is held back, never emitted.
+  text that could still become a stop is held back, never emitted;
+- an optional ``grammar`` parameter (``constrained.GrammarConstraint``) that limits the
+  output to a grammar, as tool calls need.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from fastchat.serve.inference import prepare_logits_processor
 
+from fastchat_bigdl.constrained import GrammarConstraint
 from fastchat_bigdl.kv_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,9 @@ def generate_stream(
     if tokenizer.eos_token_id is not None:
         stop_token_ids.add(tokenizer.eos_token_id)
     processors = prepare_logits_processor(temperature, repetition_penalty, top_p, top_k)
+    grammar = params.get("grammar")
+    constraint = (GrammarConstraint(tokenizer, grammar, model.config.vocab_size, stop_token_ids)
+                  if grammar else None)
 
     input_ids = tokenizer(prompt).input_ids
     input_ids = input_ids[-max(1, context_len - max_new_tokens - 1):]  # FastChat's truncation
@@ -153,12 +159,20 @@ def generate_stream(
                 shifted = torch.log_softmax(out.logits[0, :-1, :].float(), dim=-1)
                 token_logprobs = [None] + shifted.gather(1, torch.as_tensor(input_ids[1:])[:, None])[:, 0].tolist()
                 tokens_text = [tokenizer.decode([t]) for t in input_ids]
+            scores = logits
+            if constraint is not None:
+                scores = constraint.mask(logits)
+                if scores is None:  # nothing can continue the grammar
+                    finish_reason = "stop"
+                    break
             if processors:
                 seen = history[:, :len(fed)] if history is not None else None
-                scores = processors(seen, logits[None, :])[0]
-            else:
-                scores = logits
+                scores = processors(seen, scores[None, :])[0]
             token = _sample(scores, temperature, top_p)
+            if constraint is not None and not constraint.advance(token):
+                logger.warning("the grammar refused token %d; generation ends here", token)
+                finish_reason = "stop"
+                break
             generated.append(token)
             if logprobs is not None:
                 token_logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
@@ -171,6 +185,9 @@ def generate_stream(
             hit = stop.find(text, len(new_text))
             if hit != -1:
                 text = text[:hit]
+                finish_reason = "stop"
+                break
+            if constraint is not None and constraint.finished:
                 finish_reason = "stop"
                 break
             pending = [token]

@@ -49,6 +49,7 @@ from fastchat_bigdl.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.low_bit_cache import LowBitCache
 from fastchat_bigdl.paths import low_bit_cache_dir
 from fastchat_bigdl.validation import WORKER_CHECKS, ValidateRequests
+from fastchat_bigdl.worker_routes import extra_worker_routes
 from fastchat_bigdl.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
@@ -359,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{parser.prog}: error: {exc}", file=sys.__stderr__, flush=True)
         sys.exit(2)
     worker.register_when_listening(args.host, args.port)
+    app.include_router(extra_worker_routes(worker))
     app.add_middleware(ValidateRequests, checks=WORKER_CHECKS)
     app.add_middleware(AdmissionControl, worker=worker, max_queued=args.max_queued_requests)
     run_app(app, args)

@@ -1,6 +1,7 @@
 """``python -m fastchat_bigdl.openai_api_server``: FastChat's OpenAI API server (same
 flags, routes and behaviour), with request validation in front of it so bad input gets
-a 4xx in FastChat's error schema instead of a 500 and a stack trace."""
+a 4xx in FastChat's error schema instead of a 500 and a stack trace, and OpenAI tool
+calling (``tools``, ``tool_choice``, legacy ``functions``) with schema-constrained calls."""
 from __future__ import annotations
 
 import os
@@ -11,9 +12,12 @@ from fastchat.serve import openai_api_server as upstream
 from fastchat_bigdl.app_runner import run_app
 from fastchat_bigdl.serve import API_KEYS_ENV
 from fastchat_bigdl.server_errors import ClearServerErrors
-from fastchat_bigdl.validation import OPENAI_CHECKS, ValidateRequests
+from fastchat_bigdl.tool_calling.route import RouteToolRequests, router as tool_router
+from fastchat_bigdl.validation import MAX_BODY_BYTES, OPENAI_CHECKS, ValidateRequests
 
 app = upstream.app
+app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
+app.add_middleware(RouteToolRequests, max_body=MAX_BODY_BYTES)
 app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
 app.add_middleware(ClearServerErrors)
 

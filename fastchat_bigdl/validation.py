@@ -12,26 +12,20 @@ import json
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from fastchat.constants import ErrorCode
-from starlette.responses import JSONResponse
+
+from fastchat_bigdl.asgi_body import BodyTooLarge, read_body, replaying
+from fastchat_bigdl.request_errors import Invalid, error_response
+from fastchat_bigdl.tool_calling.grammar import grammar_error
+from fastchat_bigdl.tool_calling.spec import tool_request, uses_tools
 
 MAX_BODY_BYTES = 4 << 20
 MAX_DEPTH = 32
 MAX_N = 8
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 300
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function")
 
 Problem = Optional[Tuple[int, str]]
-
-
-class Invalid(Exception):
-    def __init__(self, message: str, code: int = ErrorCode.VALIDATION_TYPE_ERROR):
-        super().__init__(message)
-        self.code = code
-
-
-def error_response(code: int, message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"object": "error", "message": message, "code": int(code)}, status_code=status)
 
 
 def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
@@ -146,12 +140,14 @@ def check_chat(data: dict) -> None:
         if not isinstance(message, dict):
             raise Invalid(f"messages[{i}] must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise Invalid(f"messages[{i}] has role {role!r}: tool calling is not supported by this "
-                          "server yet; send tool results as a 'user' message")
         if role not in CHAT_ROLES:
             raise Invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, not {json.dumps(role)[:40]}")
+        calls = role == "assistant" and (message.get("tool_calls") or message.get("function_call"))
+        if calls and message.get("content") is None:
+            continue  # an assistant turn that only called tools
         _check_content(i, message)
+    if uses_tools(data):
+        tool_request(data)
 
 
 def check_completion(data: dict) -> None:
@@ -183,6 +179,11 @@ def check_worker_generate(data: dict) -> None:
         raise Invalid("'stop_token_ids' must be a list of integers")
     if "echo" in data and not isinstance(data["echo"], bool):
         raise Invalid("'echo' must be true or false")
+    grammar = data.get("grammar")
+    if grammar is not None:
+        problem = grammar_error(grammar) if isinstance(grammar, str) else "it must be a string"
+        if problem:
+            raise Invalid(f"'grammar' is not a grammar this worker can enforce: {problem.strip().splitlines()[0]}")
 
 
 def check_worker_count(data: dict) -> None:
@@ -201,34 +202,19 @@ class ValidateRequests:
         check = self.checks.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "POST" else None
         if check is None:
             return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body:
-                return await error_response(ErrorCode.PARAM_OUT_OF_RANGE,
-                                            f"the request body exceeds {self.max_body >> 20} MiB",
-                                            status=413)(scope, receive, send)
-        body = b"".join(chunks)
+        try:
+            body = await read_body(receive, self.max_body)
+        except BodyTooLarge:
+            return await error_response(ErrorCode.PARAM_OUT_OF_RANGE,
+                                        f"the request body exceeds {self.max_body >> 20} MiB",
+                                        status=413)(scope, receive, send)
+        if body is None:
+            return
         try:
             check(parse_body(body))
         except Invalid as exc:
             return await error_response(exc.code, str(exc))(scope, receive, send)
-
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 OPENAI_CHECKS = {

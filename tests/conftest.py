@@ -32,6 +32,14 @@ def tiny_chatml(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tinyllm-instruct", chat_template=CHATML_TEMPLATE)
 
 
+@pytest.fixture(scope="session")
+def tiny_tools(tmp_path_factory) -> Path:
+    """The ChatML model with a context long enough for a tool prompt (its tiny
+    tokenizer spends about one token per character of a JSON schema)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tinyllm-tools", chat_template=CHATML_TEMPLATE,
+                            context=4096)
+
+
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FASTCHAT_BIGDL_CACHE", str(tmp_path / "cache"))

@@ -32,6 +32,7 @@ def build_tiny_llama(
     hidden_size: int = 128,
     layers: int = 2,
     seed: int = 0,
+    context: int = 256,
 ) -> Path:
     """A random-weight Llama with a byte-level BPE tokenizer trained on a tiny corpus.
     Dims are multiples of 64, as the low-bit layers require."""
@@ -63,7 +64,7 @@ def build_tiny_llama(
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-        max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+        max_position_embeddings=context, bos_token_id=0, eos_token_id=1,
     )
     LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
     if rope_theta is not None:

@@ -19,6 +19,12 @@ def body(**overrides):
     return data
 
 
+def tool(name="get_weather", parameters=None):
+    parameters = parameters if parameters is not None else {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
 def nested(depth):
     value = "x"
     for _ in range(depth):
@@ -41,7 +47,25 @@ CASES = [
     ("message not an object", "chat", body(messages=["hello"])),
     ("content null", "chat", body(messages=[{"role": "user", "content": None}])),
     ("content a number", "chat", body(messages=[{"role": "user", "content": 42}])),
-    ("role tool", "chat", body(messages=USER + [{"role": "tool", "content": "42", "tool_call_id": "a"}])),
+    ("tool result not text", "chat", body(messages=USER + [{"role": "tool", "content": 42, "tool_call_id": "a"}])),
+    ("tool schema with an unknown type", "chat", body(tools=[tool(parameters={
+        "type": "object", "properties": {"city": {"type": "strin"}}})])),
+    ("tool schema not an object schema", "chat", body(tools=[tool(parameters={"type": "string"})])),
+    ("tool schema a string", "chat", body(tools=[tool(parameters="city: str")])),
+    ("tool schema with a bad regex", "chat", body(tools=[tool(parameters={
+        "type": "object", "properties": {"code": {"type": "string", "pattern": "(?=x)["}}})])),
+    ("tool name with spaces", "chat", body(tools=[tool(name="get the weather")])),
+    ("tool type not function", "chat", body(tools=[{"type": "retrieval"}])),
+    ("tools not a list", "chat", body(tools={"type": "function"})),
+    ("duplicate tool names", "chat", body(tools=[tool(), tool()])),
+    ("tool_choice names an unknown tool", "chat", body(tools=[tool()], tool_choice={
+        "type": "function", "function": {"name": "launch_rocket"}})),
+    ("tool_choice required without tools", "chat", body(tool_choice="required")),
+    ("tool_choice unknown word", "chat", body(tools=[tool()], tool_choice="always")),
+    ("tools and functions both", "chat", body(tools=[tool()], functions=[tool()["function"]])),
+    ("assistant tool_calls not a list", "chat", body(messages=USER + [
+        {"role": "assistant", "content": None, "tool_calls": {"id": "a"}}])),
+    ("function message without a name", "chat", body(messages=USER + [{"role": "function", "content": "1"}])),
     ("unknown role", "chat", body(messages=[{"role": "wizard", "content": "hi"}])),
     ("missing role", "chat", body(messages=[{"content": "hi"}])),
     ("bad content part", "chat", body(messages=[{"role": "user", "content": [{"type": "audio"}]}])),
@@ -72,6 +96,8 @@ CASES = [
     ("worker: max_new_tokens a string", "worker_generate", {"prompt": "hi", "max_new_tokens": "lots"}),
     ("worker: stop_token_ids strings", "worker_generate_stream", {"prompt": "hi", "stop_token_ids": ["a"]}),
     ("worker: count_token prompt a number", "count_token", {"prompt": 5}),
+    ("worker: grammar that does not compile", "worker_generate", {"prompt": "hi", "grammar": "start: (("}),
+    ("worker: grammar not a string", "worker_generate_stream", {"prompt": "hi", "grammar": {"type": "object"}}),
 ]
 
 

@@ -56,3 +56,43 @@ def test_long_history_is_trimmed_by_the_async_client(server):
         asyncio.run(create(False))
     result = asyncio.run(create(True))
     assert result.usage.prompt_tokens < 256
+
+
+def test_assistant_agent_calls_a_tool_and_answers_from_its_result(tool_server):
+    from typing import Literal
+
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.messages import ToolCallExecutionEvent, ToolCallRequestEvent
+
+    client = autogen_local.model_client(base_url=tool_server.base_url, max_tokens=160)
+    assert client.model_info["function_calling"]
+    plain_create = client.create
+
+    async def create(messages, *, tools=(), tool_choice="auto", **kwargs):
+        # A random-weight model would never choose to call: require a call when tools are offered.
+        return await plain_create(messages, tools=tools, tool_choice="required" if tools else tool_choice, **kwargs)
+
+    client.create = create
+    calls = []
+
+    async def get_weather(city: Literal["paris", "oslo"], days: int) -> str:
+        """Weather forecast for a city."""
+        calls.append((city, days))
+        return f"sunny in {city} for {days} days"
+
+    async def run():
+        agent = AssistantAgent("assistant", model_client=client, tools=[get_weather], reflect_on_tool_use=True,
+                               system_message="You check the weather.")
+        try:
+            return await agent.run(task="weather in paris for 3 days?")
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    kinds = [type(m).__name__ for m in result.messages]
+    assert kinds == ["TextMessage", "ToolCallRequestEvent", "ToolCallExecutionEvent", "TextMessage"], kinds
+    request = next(m for m in result.messages if isinstance(m, ToolCallRequestEvent))
+    assert request.content[0].name == "get_weather" and calls and calls[0][0] in ("paris", "oslo")
+    execution = next(m for m in result.messages if isinstance(m, ToolCallExecutionEvent))
+    assert not execution.content[0].is_error and "sunny in" in execution.content[0].content
+    assert isinstance(result.messages[-1].content, str)  # the answer after the result went back

@@ -60,3 +60,27 @@ def test_patched_session_trims_a_history_beyond_the_context(server):
     with autogen_local.patched(base_url=server.base_url, history_limit=False):
         with pytest.raises(openai.error.OpenAIError, match="maximum context length is 256 tokens"):
             openai.ChatCompletion.create(model=server.model, messages=messages, max_tokens=4)
+
+
+def test_legacy_function_calling_round_trip(tool_server):
+    calls = []
+
+    def get_weather(city, days):
+        calls.append((city, days))
+        return f"sunny in {city} for {days} days"
+
+    functions = [{"name": "get_weather", "description": "Weather forecast for a city", "parameters": {
+        "type": "object", "required": ["city", "days"], "properties": {
+            "city": {"type": "string", "enum": ["paris", "oslo"]}, "days": {"type": "integer"}}}}]
+    cfg = autogen_local.config(base_url=tool_server.base_url)
+    # A random-weight model would never choose to call: name the function it must call.
+    llm_config = {**cfg, "functions": functions, "function_call": {"name": "get_weather"}, "max_tokens": 160,
+                  "use_cache": False}
+    assistant = autogen.AssistantAgent("assistant", llm_config=llm_config)
+    user = autogen.UserProxyAgent("user", human_input_mode="NEVER", code_execution_config=False,
+                                  function_map={"get_weather": get_weather}, max_consecutive_auto_reply=1)
+    user.initiate_chat(assistant, message="weather in paris for 3 days?")
+    assert calls and calls[0][0] in ("paris", "oslo") and isinstance(calls[0][1], int)
+    history = user.chat_messages[assistant]
+    result = next(i for i, m in enumerate(history) if m.get("role") == "function")
+    assert "sunny in" in history[result]["content"] and len(history) > result + 1

@@ -1,0 +1,191 @@
+"""``/v1/chat/completions`` for requests that use tools.
+
+FastChat's own handler drops ``tools`` and cannot render tool messages, so requests that
+use tools (``spec.uses_tools``) are routed here by ``RouteToolRequests``; every other
+request goes to FastChat's handler unchanged. This handler reuses FastChat's API key
+check, model check, worker lookup, context-length check and worker client; it renders
+the prompt with tools (``prompt``), sends the tool-call grammar with the generation
+parameters (the worker enforces it) and answers with OpenAI ``tool_calls``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+import shortuuid
+from fastapi import APIRouter, Depends, Request
+from fastchat.constants import ErrorCode
+from fastapi.responses import StreamingResponse
+from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
+from fastchat.serve import openai_api_server as upstream
+
+from fastchat_bigdl.asgi_body import BodyTooLarge, read_body, replaying
+from fastchat_bigdl.request_errors import error_response
+from fastchat_bigdl.tool_calling.grammar import tool_call_grammar
+from fastchat_bigdl.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
+from fastchat_bigdl.tool_calling.prompt import render_prompt
+from fastchat_bigdl.tool_calling.spec import ToolRequest, tool_request, uses_tools
+
+CHAT_PATH = "/v1/chat/completions"
+TOOLS_PATH = "/fastchat_bigdl/v1/chat/completions_with_tools"
+DEFAULTS = {name: f.default for name, f in ChatCompletionRequest.__fields__.items()}
+_template_info: Dict[tuple, Optional[Dict[str, Any]]] = {}
+
+router = APIRouter()
+
+
+async def chat_template_info(worker_addr: str, model: str) -> Optional[Dict[str, Any]]:
+    """The worker's Jinja chat template and special tokens (None from a worker that is
+    not fastchat_bigdl's, which also cannot enforce grammars)."""
+    key = (worker_addr, model)
+    if key not in _template_info:
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            response = await client.post(worker_addr + "/worker_get_chat_template", json={"model": model},
+                                         timeout=upstream.WORKER_API_TIMEOUT)
+        _template_info[key] = response.json() if response.status_code == 200 else None
+    return _template_info[key]
+
+
+def _param(data: dict, name: str):
+    value = data.get(name)
+    return DEFAULTS.get(name) if value is None else value
+
+
+def _message(reply: ParsedReply, request: ToolRequest) -> (Dict[str, Any], Optional[str]):
+    """The assistant message for a reply, and the finish reason calls imply."""
+    message: Dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if not reply.calls:
+        return message, None
+    if request.legacy:
+        call = reply.calls[0]
+        message["function_call"] = {"name": call["name"], "arguments": call["arguments"]}
+        return message, "function_call"
+    message["tool_calls"] = [{"id": c["id"], "type": "function",
+                              "function": {"name": c["name"], "arguments": c["arguments"]}} for c in reply.calls]
+    return message, "tool_calls"
+
+
+def _chunk(completion_id: str, model: str, index: int, delta: dict, finish_reason=None) -> str:
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _call_deltas(message: Dict[str, Any]) -> List[Dict[str, Any]]:
+    if "function_call" in message:
+        return [{"function_call": message["function_call"]}]
+    return [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(message.get("tool_calls", []))]
+
+
+async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, request: ToolRequest,
+                  names: List[str]) -> AsyncIterator[str]:
+    completion_id = f"chatcmpl-{shortuuid.random()}"
+    for index in range(n):
+        yield _chunk(completion_id, model, index, {"role": "assistant"})
+        splitter, text, finish_reason = StreamSplitter(), "", None
+        async for content in upstream.generate_completion_stream(gen_params, worker_addr):
+            if content.get("error_code", 0) != 0:
+                error = {"object": "error", "message": content["text"], "code": content["error_code"]}
+                yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            text = content["text"].replace("\ufffd", "")
+            finish_reason = content.get("finish_reason") or finish_reason
+            delta = splitter.content_delta(text)
+            if delta:
+                yield _chunk(completion_id, model, index, {"content": delta})
+        reply = parse_reply(text, names) if finish_reason != "length" else ParsedReply(text)
+        message, call_finish = _message(reply, request)
+        if not reply.calls and len(text) > splitter.sent:  # held back but not a call after all
+            yield _chunk(completion_id, model, index, {"content": text[splitter.sent:]})
+        for delta in _call_deltas(message):
+            yield _chunk(completion_id, model, index, delta)
+        yield _chunk(completion_id, model, index, {}, call_finish or finish_reason or "stop")
+    yield "data: [DONE]\n\n"
+
+
+@router.post(TOOLS_PATH, dependencies=[Depends(upstream.check_api_key)])
+async def chat_completions_with_tools(raw: Request):
+    data = await raw.json()  # checked by ValidateRequests on the way in
+    request = tool_request(data)
+    model = data["model"]
+    error = await upstream.check_model(SimpleNamespace(model=model))
+    if error is not None:
+        return error
+    worker_addr = await upstream.get_worker_address(model)
+    conv = await upstream.get_conv(model, worker_addr)
+    template = await chat_template_info(worker_addr, model)
+    offered = request.offered()
+    if request.constrained and template is None:
+        return error_response(ErrorCode.VALIDATION_TYPE_ERROR, f"tool_choice {request.choice!r} needs a fastchat_bigdl worker "
+                                     "(--bigdl_load), which enforces the call format; this worker cannot")
+    prompt = render_prompt(conv, template, data["messages"], request)
+    gen_params = {
+        "model": model, "prompt": prompt, "echo": False, "logprobs": None,
+        "temperature": _param(data, "temperature"), "top_p": _param(data, "top_p"), "top_k": _param(data, "top_k"),
+        "presence_penalty": _param(data, "presence_penalty"),
+        "frequency_penalty": _param(data, "frequency_penalty"),
+        "stop_token_ids": conv["stop_token_ids"],
+    }
+    stops = set([conv["stop_str"]] if isinstance(conv["stop_str"], str) else conv["stop_str"] or [])
+    if not request.constrained:  # a user stop string must not cut a call the grammar guarantees
+        user_stop = data.get("stop")
+        stops.update([user_stop] if isinstance(user_stop, str) else user_stop or [])
+    gen_params["stop"] = sorted(stops)
+    if offered and template is not None:
+        gen_params["grammar"] = tool_call_grammar(offered, forced=request.constrained)
+    max_new_tokens, error = await upstream.check_length(SimpleNamespace(model=model), prompt,
+                                                        data.get("max_tokens"), worker_addr)
+    if error is not None:
+        return error
+    gen_params["max_new_tokens"] = max_new_tokens
+    names = [t.name for t in offered]
+    n = _param(data, "n")
+    if data.get("stream"):
+        return StreamingResponse(_stream(model, gen_params, n, worker_addr, request, names),
+                                 media_type="text/event-stream")
+    results = await asyncio.gather(*(upstream.generate_completion(gen_params, worker_addr) for _ in range(n)))
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for index, content in enumerate(results):
+        if content["error_code"] != 0:
+            return error_response(content["error_code"], content["text"])
+        finish_reason = content.get("finish_reason") or "stop"
+        # A call cut off by max_tokens stays text: a partial call would not parse.
+        reply = parse_reply(content["text"], names) if finish_reason != "length" else ParsedReply(content["text"])
+        message, call_finish = _message(reply, request)
+        choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason})
+        for key in usage:
+            usage[key] += content.get("usage", {}).get(key, 0)
+    return {"id": f"chatcmpl-{shortuuid.random()}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage}
+
+
+class RouteToolRequests:
+    """ASGI middleware: chat completions that use tools go to this module's route,
+    everything else to FastChat's handler."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if not (scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == CHAT_PATH):
+            return await self.app(scope, receive, send)
+        try:
+            body = await read_body(receive, self.max_body)
+        except BodyTooLarge:  # ValidateRequests, outside, already refuses these
+            return await error_response(ErrorCode.PARAM_OUT_OF_RANGE, "the request body is too large",
+                                        status=413)(scope, receive, send)
+        if body is None:
+            return
+        try:
+            tools = uses_tools(json.loads(body))
+        except ValueError:
+            tools = False
+        if tools:
+            scope = dict(scope, path=TOOLS_PATH, raw_path=TOOLS_PATH.encode())
+        await self.app(scope, replaying(body, receive), send)

@@ -1,0 +1,21 @@
+"""Worker API routes FastChat's worker lacks, added to its app by ``model_worker``."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from fastchat_bigdl.chat_template import tokenizer_chat_template
+
+
+def extra_worker_routes(worker) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/worker_get_chat_template")
+    async def worker_get_chat_template():
+        """The tokenizer's Jinja chat template, for prompts FastChat's conversation
+        templates cannot express (tools). Its presence also tells the API server that
+        this worker enforces the ``grammar`` generation parameter."""
+        tokenizer = worker.tokenizer
+        return {"chat_template": tokenizer_chat_template(tokenizer),
+                "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+
+    return router
