@@ -1,7 +1,9 @@
 """`fastchat-bigdl bench`: the report's structure and sanity (speed is not asserted)."""
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +103,115 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
         ours["decode"]["tok_s"] / report["stacks"][bench.STOCK]["decode"]["tok_s"])
     assert set(report["targets"]) == {"decode >= 3x stock fp32", "replay turn-last TTFT <= 1.5x turn-1",
                                       "cached start >= 5x faster (model load)", "roofline >= 50%"}
+
+
+# --- bench --against llama-cpp: the plumbing, with llama.cpp replaced -----------------------
+
+FAKE_LLAMA_CPP = '''
+"""Stands in for llama-cpp-python: same calls, scripted answers, a 1-token-per-word tokenizer."""
+__version__ = "0.0-fake"
+
+
+class LlamaRAMCache:
+    def __init__(self, capacity_bytes):
+        self.capacity_bytes = capacity_bytes
+
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, verbose):
+        assert open(model_path, "rb").read(4) == b"GGUF"
+        self.cache = None
+
+    def set_cache(self, cache):
+        self.cache = cache
+
+    def tokenize(self, data, add_bos, special):
+        return data.split()
+
+    def create_chat_completion(self, messages, max_tokens, temperature, stream):
+        assert stream and temperature == 0 and self.cache is not None
+        yield {"choices": [{"delta": {"role": "assistant"}}]}
+        for i in range(max_tokens):
+            yield {"choices": [{"delta": {"content": f" w{len(messages)}x{i}"}}]}
+'''
+
+
+@pytest.fixture
+def fake_llama_cpp(tmp_path, monkeypatch):
+    (tmp_path / "fakes").mkdir()
+    (tmp_path / "fakes" / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakes"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    return gguf
+
+
+def settings(tmp_path, **overrides):
+    values = dict(shape=QUICK_SHAPE, model_path=None, low_bit="sym_int4", prompt_tokens=12, max_tokens=6, repeats=2,
+                  turns=3, turn_tokens=5, turn_max_tokens=4, out_dir=tmp_path / "out", against=("llama-cpp",))
+    values.update(overrides)
+    return bench.BenchSettings(**values)
+
+
+def test_llama_cpp_is_measured_in_a_process_of_its_own(tmp_path, fake_llama_cpp):
+    from fastchat_bigdl import bench_llama_cpp
+
+    lines = []
+    result = bench_llama_cpp.measure(settings(tmp_path), str(fake_llama_cpp), lines.append,
+                                     chat_factory=bench_llama_cpp.LlamaCppProcess)
+    assert result.label == bench.LLAMA_CPP and result.low_bit == "q4_1"
+    assert [r["tokens"] for r in result.decode] == [6, 6]  # counted by llama.cpp's tokenizer
+    assert [t["turn"] for t in result.replay] == [1, 2, 3]
+    history = [t["history_tokens"] for t in result.replay]
+    assert history[0] == 12 + len(bench.SYSTEM.split()) and history == sorted(history)
+    assert 10 < result.peak_rss_mb < 500  # the child's own, without torch
+    assert any("replay turn 3/3" in line for line in lines)
+
+
+def test_missing_llama_cpp_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from fastchat_bigdl import bench_llama_cpp
+
+    monkeypatch.setattr(bench_llama_cpp, "llama_cpp_version", lambda: None)
+    assert bench.main(["--against", "llama-cpp", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs llama-cpp-python" in err and "GGML_AMX_TILE=OFF" in err
+
+
+def test_against_llama_cpp_compares_the_demo_gguf_with_its_converted_checkpoint(tmp_path):
+    from fastchat_bigdl.demo_model import DEMO_GGUF, DEMO_NAME
+
+    args = argparse.Namespace(model_path=None, gguf=None, against=["llama-cpp"], quick=True, low_bit="sym_int4",
+                              turns=None, out=str(tmp_path))
+    s = bench.settings_from_args(args)
+    assert s.gguf_path.endswith(DEMO_GGUF) and Path(s.model_path).name == DEMO_NAME
+    assert s.conv_template is None and s.prompt_style == "english"  # both use the model's ChatML template
+    assert s.shape.hidden == 576 and s.shape.layers == 30  # SmolLM2-135M, read from the converted config
+    with pytest.raises(SystemExit, match="needs --gguf"):
+        bench.settings_from_args(argparse.Namespace(**{**vars(args), "model_path": "/some/model"}))
+
+
+def test_the_llama_cpp_column_ratios_and_plot_series(tmp_path):
+    report = fake_report(ours_tok_s=30.0)
+    peer = json.loads(json.dumps(report["stacks"][bench.STOCK]))
+    peer.update(low_bit="q4_1", peak_rss_mb=250, decode={"tok_s": 60.0, "ttft_s": 0.05, "runs": []},
+                replay=[{"turn": 1, "ttft_s": 0.05}, {"turn": 2, "ttft_s": 0.06}])
+    report["stacks"][bench.LLAMA_CPP] = peer
+    report["vs_llama_cpp"] = bench.compare_with_peer(report["stacks"][bench.OURS], peer)
+    vs = report["vs_llama_cpp"]
+    assert vs["decode_speedup"] == pytest.approx(0.5) and vs["ttft_speedup"] == pytest.approx(0.5)
+    assert vs["replay_last_turn_ttft_speedup"] == pytest.approx(0.06 / 0.12)
+    assert vs["peak_rss_ratio"] == pytest.approx(2.0)  # ours / theirs
+    table = bench.format_table(report)
+    header = table.splitlines()[0]
+    assert "llama.cpp (q4_1)" in header and "ours vs llama.cpp" in header
+    assert "0.50x" in table.splitlines()[2]  # decode row
+    bench.plot(report, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_english_prompts_are_counted_by_the_model_tokenizer(tiny_llama, tmp_path):
+    s = settings(tmp_path, prompt_style="english")
+    text = bench.prompt(s, 20, seed=1)
+    assert len(text.split()) == 20 and text == bench.prompt(s, 20, seed=1)
+    count = bench.token_counter(s, str(tiny_llama))
+    assert count(text) >= 20
