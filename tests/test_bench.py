@@ -164,7 +164,7 @@ def test_llama_cpp_is_measured_in_a_process_of_its_own(tmp_path, fake_llama_cpp)
     assert [t["turn"] for t in result.replay] == [1, 2, 3]
     history = [t["history_tokens"] for t in result.replay]
     assert history[0] == 12 + len(bench.SYSTEM.split()) and history == sorted(history)
-    assert 10 < result.peak_rss_mb < 500  # the child's own, without torch
+    assert 0 < result.peak_rss_mb < 300  # the child's own: no torch, no FastChat
     assert any("replay turn 3/3" in line for line in lines)
 
 
