@@ -18,19 +18,20 @@ from fastchat.conversation import Conversation, SeparatorStyle
 from fastchat_bigdl.tool_calling.grammar import CLOSE, OPEN
 from fastchat_bigdl.tool_calling.spec import ToolRequest
 
-GENERIC_TOOL_PROMPT = """# Tools
+# Worded after the function-calling prompts small models are trained on (APIGen style):
+# a concrete example call works better for them than placeholders like <function-name>.
+GENERIC_TOOL_PROMPT = """You are an expert in composing functions. You are given a question and a set of possible functions. Based on the question, you will need to make a function call to achieve the purpose.
 
-You may call one of the functions below to help with the user's request.
-Function signatures are given within <tools></tools> XML tags:
+You have access to the following tools:
 <tools>
 {tools}
 </tools>
 
-To call a function, reply with a JSON object with the function name and its arguments within <tool_call></tool_call> XML tags, and nothing else:
+The output MUST strictly adhere to the following format, and NO other text MUST be included. Please make sure the parameter type is correct, and take the argument values from the question.
 <tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
+{{"name": "func_name", "arguments": {{"argument1": "value1", "argument2": "value2"}}}}
 </tool_call>
-The result comes back within <tool_response></tool_response> XML tags."""
+Function results come back within <tool_response></tool_response> XML tags."""
 
 
 def generic_tool_prompt(request: ToolRequest) -> str:
