@@ -16,12 +16,12 @@ from autogen_local.flavor import AGENTCHAT, CLASSIC, LEGACY, detect_flavor
 from autogen_local.netenv import bypass_proxy_for_loopback
 
 # autogen-agentchat refuses model names it does not know unless told what they can do.
-# fastchat-bigdl's API server calls tools (constrained to their schemas).
+# fastchat-bigdl's API server calls tools and answers in JSON (constrained to the schema).
 LOCAL_MODEL_INFO = {
     "vision": False,
     "function_calling": True,
-    "json_output": False,
-    "structured_output": False,
+    "json_output": True,
+    "structured_output": True,
     "family": "unknown",
 }
 

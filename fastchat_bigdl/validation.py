@@ -16,7 +16,7 @@ from fastchat.constants import ErrorCode
 from fastchat_bigdl.asgi_body import BodyTooLarge, read_body, replaying
 from fastchat_bigdl.request_errors import Invalid, error_response
 from fastchat_bigdl.tool_calling.grammar import grammar_error
-from fastchat_bigdl.tool_calling.spec import tool_request, uses_tools
+from fastchat_bigdl.tool_calling.spec import tool_request, uses_tools_or_json
 
 MAX_BODY_BYTES = 4 << 20
 MAX_DEPTH = 32
@@ -146,7 +146,7 @@ def check_chat(data: dict) -> None:
         if calls and message.get("content") is None:
             continue  # an assistant turn that only called tools
         _check_content(i, message)
-    if uses_tools(data):
+    if uses_tools_or_json(data):
         tool_request(data)
 
 

@@ -65,6 +65,10 @@ CASES = [
     ("tools and functions both", "chat", body(tools=[tool()], functions=[tool()["function"]])),
     ("assistant tool_calls not a list", "chat", body(messages=USER + [
         {"role": "assistant", "content": None, "tool_calls": {"id": "a"}}])),
+    ("response_format of an unknown type", "chat", body(response_format={"type": "yaml"})),
+    ("response_format schema that does not compile", "chat", body(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+            "a": {"$ref": "#/nowhere"}}}}})),
     ("function message without a name", "chat", body(messages=USER + [{"role": "function", "content": "1"}])),
     ("unknown role", "chat", body(messages=[{"role": "wizard", "content": "hi"}])),
     ("missing role", "chat", body(messages=[{"content": "hi"}])),

@@ -12,10 +12,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from fastchat_bigdl.chat_template import conversation_from_chat_template
 from fastchat_bigdl.generation import generate_stream
 from fastchat_bigdl.request_errors import Invalid
-from fastchat_bigdl.tool_calling.grammar import tool_call_grammar
+from fastchat_bigdl.tool_calling.grammar import output_grammar, tool_call_grammar
 from fastchat_bigdl.tool_calling.parse import StreamSplitter, parse_reply
 from fastchat_bigdl.tool_calling.prompt import render_generic, render_prompt
-from fastchat_bigdl.tool_calling.spec import Tool, tool_request, uses_tools
+from fastchat_bigdl.tool_calling.spec import Tool, tool_request, uses_tools_or_json
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 16},
@@ -69,9 +69,9 @@ def test_bad_tool_requests_say_what_is_wrong(data, words):
 
 
 def test_requests_without_tools_stay_with_fastchat():
-    assert not uses_tools({"messages": [{"role": "user", "content": "hi"}]})
-    assert uses_tools({"messages": [{"role": "tool", "content": "3", "tool_call_id": "a"}]})
-    assert uses_tools({"messages": [{"role": "user", "content": "hi"}], "tools": []})
+    assert not uses_tools_or_json({"messages": [{"role": "user", "content": "hi"}]})
+    assert uses_tools_or_json({"messages": [{"role": "tool", "content": "3", "tool_call_id": "a"}]})
+    assert uses_tools_or_json({"messages": [{"role": "user", "content": "hi"}], "tools": []})
 
 
 # --- the prompt ---------------------------------------------------------------------
@@ -209,3 +209,62 @@ def test_streamed_content_never_shows_a_partial_call_tag():
         sent += splitter.content_delta(full[:end])
         assert "<" not in sent
     assert sent == "Sure."
+
+
+# --- JSON replies (response_format) -----------------------------------------------------------
+
+FORECAST = {"type": "object", "properties": {
+    "city": {"enum": ["paris", "oslo", "lima"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    "rain": {"type": "boolean"},
+    "note": {"type": "string", "maxLength": 10},
+}, "required": ["city", "days", "rain"]}
+
+
+def json_schema_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema, "strict": True}}
+
+
+def test_response_format_is_normalised_and_bad_ones_are_refused():
+    assert tool_request({"response_format": {"type": "text"}}).reply is None
+    assert tool_request({"response_format": {"type": "json_object"}}).reply == {"type": "object"}
+    reply = tool_request({"response_format": json_schema_format(FORECAST)}).reply
+    assert reply["additionalProperties"] is False and reply["properties"] == FORECAST["properties"]
+    assert uses_tools_or_json({"response_format": {"type": "json_object"}})
+    assert not uses_tools_or_json({"response_format": {"type": "text"}})
+    for fmt, words in [({"type": "yaml"}, "'response_format' must be"),
+                       ({"type": "json_schema"}, "'response_format.json_schema' must be"),
+                       (json_schema_format({"type": "object", "properties": {"a": {"type": "strin"}}}),
+                        "Invalid type: strin")]:
+        with pytest.raises(Invalid, match=words):
+            tool_request({"response_format": fmt})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_json_schema_reply_always_validates(tiny, seed):
+    reply = tool_request({"response_format": json_schema_format(FORECAST)}).reply
+    out = generate(tiny, output_grammar(reply=reply), seed)
+    assert out["finish_reason"] == "stop", out
+    jsonschema.validate(json.loads(out["text"]), FORECAST)
+
+
+def test_a_json_object_reply_starts_as_an_object(tiny):
+    from fastchat_bigdl.constrained import GrammarConstraint
+
+    model, tok = tiny
+    constraint = GrammarConstraint(tok, output_grammar(reply={"type": "object"}), model.config.vocab_size,
+                                   [tok.eos_token_id])
+    allowed = torch.isfinite(constraint.mask(torch.zeros(model.config.vocab_size))).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([t]).startswith("{") for t in allowed)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tools_with_a_json_reply_give_a_valid_call_or_valid_json(tiny, seed):
+    req = tool_request({"tools": openai_tools(*TOOLS), "response_format": json_schema_format(FORECAST)})
+    out = generate(tiny, output_grammar(req.offered(), req.constrained, req.reply), seed)
+    reply = parse_reply(out["text"], [t.name for t in TOOLS])
+    if reply.calls:
+        call = reply.calls[0]
+        jsonschema.validate(json.loads(call["arguments"]), {t.name: t.parameters for t in TOOLS}[call["name"]])
+    else:
+        jsonschema.validate(json.loads(out["text"]), FORECAST)

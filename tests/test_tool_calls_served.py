@@ -153,3 +153,24 @@ def test_classic_autogen_round_trip_runs_the_registered_function(stack):
     tool_turn = roles.index("tool")
     assert "sunny in" in result.chat_history[tool_turn]["content"]
     assert roles[tool_turn + 1:] == ["assistant"]  # the model answered after the result went back
+
+
+FORECAST = {"type": "object", "properties": {
+    "city": {"enum": ["paris", "oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    "summary": {"type": "string", "maxLength": 12}}, "required": ["city", "days", "summary"]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_json_schema_response_format_is_followed(stack, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST}}
+    r = post(stack, response_format=fmt, temperature=1.0, stream=stream)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        finish = events[-1]["choices"][0]["finish_reason"]
+    else:
+        choice = r.json()["choices"][0]
+        content, finish = choice["message"]["content"], choice["finish_reason"]
+    assert finish == "stop"
+    jsonschema.validate(json.loads(content), FORECAST)

@@ -1,5 +1,6 @@
-"""The grammar a tool call must follow, for llguidance (Lark syntax with inline JSON
-schemas). Calls use the Hermes format that Qwen2.5, Hermes and SmolLM3 are trained on::
+"""The grammar a reply must follow, for llguidance (Lark syntax with inline JSON
+schemas): tool calls, and replies in JSON (``response_format``). Calls use the Hermes
+format that Qwen2.5, Hermes and SmolLM3 are trained on::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -10,29 +11,31 @@ vLLM's and SGLang's structured output, a dependency-free wheel that needs no par
 transformers version (outlines and xgrammar need pydantic 2 or transformers >= 4.38),
 and it computes a token mask in well under a millisecond.
 
-Arguments are generated as strict JSON: compact separators, no free whitespace, and
-objects limited to their declared properties (``additionalProperties: false`` unless
-the schema says otherwise), so a call always validates against the schema given and a
-small model cannot pad it with whitespace or invented keys until it runs out of tokens.
+Arguments (and JSON replies to a ``json_schema``) are generated as strict JSON: compact
+separators, no free whitespace, and objects with declared ``properties`` limited to them
+(``additionalProperties: false`` unless the schema says otherwise), so the output always
+validates against the schema given and a small model cannot pad it with whitespace or
+invented keys until it runs out of tokens.
 """
 from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _strict(schema: Any) -> Any:
-    """A copy where objects without ``additionalProperties`` allow no other keys."""
+    """A copy where objects that declare ``properties`` (and say nothing of
+    ``additionalProperties``) allow no other keys."""
     if isinstance(schema, list):
         return [_strict(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: (_strict(v) if k not in ("enum", "const", "default", "examples") else v) for k, v in schema.items()}
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+    if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 
@@ -47,25 +50,49 @@ def call_schema(name: str, parameters: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _calls_json(tools: Iterable) -> str:
+def _styled(schema: Dict[str, Any]) -> str:
+    return json.dumps({**schema, "x-guidance": JSON_STYLE})
+
+
+def _calls_json(tools: List) -> str:
     schemas = [call_schema(t.name, t.parameters) for t in tools]
-    top = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    return json.dumps({**top, "x-guidance": JSON_STYLE})
+    return _styled(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
 
 
-def tool_call_grammar(tools: Iterable, forced: bool) -> str:
-    """``forced``: the output is exactly one call. Otherwise the model may write text
-    and stop, or open ``<tool_call>`` at any point, after which only a valid call (then
-    the end) can follow."""
+def reply_schema(schema: Dict[str, Any], strict: bool = True) -> Dict[str, Any]:
+    """The schema a JSON reply is generated from (``strict``: see the module doc)."""
+    return _strict(copy.deepcopy(schema)) if strict else schema
+
+
+def output_grammar(tools: Iterable = (), forced: bool = False, reply: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """The grammar for a reply, or None when the output is free.
+
+    ``tools``: the functions the model may call; ``forced``: the reply is exactly one
+    call. Otherwise the model may reply (in free text, or in JSON following ``reply``
+    when given) or call: in free text by opening ``<tool_call>`` at any point, after
+    which only a valid call (then the end) can follow."""
     tools = list(tools)
     call = f'"{OPEN}\\n" call "\\n{CLOSE}"'
-    if forced:
+    if not tools and reply is None:
+        return None
+    if not tools:
+        rules = ["start: reply"]
+    elif forced:
         rules = [f"start: {call}"]
+    elif reply is not None:
+        rules = [f"start: reply | {call}"]
     else:
         rules = ["start: free | tagged", "free: TEXT", r"TEXT: /(.|\n)*/",
                  f'tagged: prefix "\\n" call "\\n{CLOSE}"', f'prefix[lazy]: TEXT "{OPEN}"']
-    rules.append("call: %json " + _calls_json(tools))
+    if tools:
+        rules.append("call: %json " + _calls_json(tools))
+    if reply is not None and not forced:
+        rules.append("reply: %json " + _styled(reply))
     return "%llguidance {}\n" + "\n".join(rules) + "\n"
+
+
+def tool_call_grammar(tools: Iterable, forced: bool) -> str:
+    return output_grammar(tools, forced)
 
 
 def grammar_error(grammar: str) -> Optional[str]:
@@ -75,11 +102,19 @@ def grammar_error(grammar: str) -> Optional[str]:
     return llguidance.LLMatcher.validate_grammar(grammar, None) or None
 
 
-def check_enforceable(tool) -> Optional[str]:
-    """The reason a tool's parameters schema cannot be enforced, or None."""
-    error = grammar_error(tool_call_grammar([tool], forced=True))
+def _reason(error: Optional[str]) -> Optional[str]:
     if not error:
         return None
     # llguidance reports "at L(C): <reason>" followed by the grammar; keep the reason.
     first = error.strip().splitlines()[0]
     return first.split(": ", 1)[-1] if first.startswith("at ") else first
+
+
+def check_enforceable(tool) -> Optional[str]:
+    """The reason a tool's parameters schema cannot be enforced, or None."""
+    return _reason(grammar_error(output_grammar([tool], forced=True)))
+
+
+def schema_problem(schema: Dict[str, Any]) -> Optional[str]:
+    """The reason a reply schema cannot be enforced, or None."""
+    return _reason(grammar_error(output_grammar(reply=schema)))

@@ -1,11 +1,13 @@
-"""``/v1/chat/completions`` for requests that use tools.
+"""``/v1/chat/completions`` for requests that use tools or ask for JSON.
 
-FastChat's own handler drops ``tools`` and cannot render tool messages, so requests that
-use tools (``spec.uses_tools``) are routed here by ``RouteToolRequests``; every other
+FastChat's own handler drops ``tools`` and ``response_format`` and cannot render tool
+messages, so such requests (``spec.uses_tools_or_json``) are routed here by
+``RouteToolRequests``; every other
 request goes to FastChat's handler unchanged. This handler reuses FastChat's API key
 check, model check, worker lookup, context-length check and worker client; it renders
 the prompt with tools (``prompt``), sends the tool-call grammar with the generation
-parameters (the worker enforces it) and answers with OpenAI ``tool_calls``.
+parameters (the worker enforces it) and answers with OpenAI ``tool_calls``, or with the
+JSON ``response_format`` asked for.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.asgi_body import BodyTooLarge, read_body, replaying
 from fastchat_bigdl.request_errors import error_response
-from fastchat_bigdl.tool_calling.grammar import tool_call_grammar
+from fastchat_bigdl.tool_calling.grammar import output_grammar
 from fastchat_bigdl.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
 from fastchat_bigdl.tool_calling.prompt import render_prompt
-from fastchat_bigdl.tool_calling.spec import ToolRequest, tool_request, uses_tools
+from fastchat_bigdl.tool_calling.spec import ToolRequest, tool_request, uses_tools_or_json
 
 CHAT_PATH = "/v1/chat/completions"
 TOOLS_PATH = "/fastchat_bigdl/v1/chat/completions_with_tools"
@@ -121,9 +123,12 @@ async def chat_completions_with_tools(raw: Request):
     conv = await upstream.get_conv(model, worker_addr)
     template = await chat_template_info(worker_addr, model)
     offered = request.offered()
-    if request.constrained and template is None:
-        return error_response(ErrorCode.VALIDATION_TYPE_ERROR, f"tool_choice {request.choice!r} needs a fastchat_bigdl worker "
-                                     "(--bigdl_load), which enforces the call format; this worker cannot")
+    structured = request.constrained or request.reply is not None  # the grammar decides the shape
+    if structured and template is None:
+        what = "a JSON response_format" if request.reply is not None else f"tool_choice {request.choice!r}"
+        return error_response(ErrorCode.VALIDATION_TYPE_ERROR,
+                              f"{what} needs a fastchat_bigdl worker (--bigdl_load), which enforces the "
+                              "output format; this worker cannot")
     prompt = render_prompt(conv, template, data["messages"], request)
     gen_params = {
         "model": model, "prompt": prompt, "echo": False, "logprobs": None,
@@ -133,12 +138,13 @@ async def chat_completions_with_tools(raw: Request):
         "stop_token_ids": conv["stop_token_ids"],
     }
     stops = set([conv["stop_str"]] if isinstance(conv["stop_str"], str) else conv["stop_str"] or [])
-    if not request.constrained:  # a user stop string must not cut a call the grammar guarantees
+    if not structured:  # a user stop string must not cut output whose shape the grammar guarantees
         user_stop = data.get("stop")
         stops.update([user_stop] if isinstance(user_stop, str) else user_stop or [])
     gen_params["stop"] = sorted(stops)
-    if offered and template is not None:
-        gen_params["grammar"] = tool_call_grammar(offered, forced=request.constrained)
+    grammar = output_grammar(offered, forced=request.constrained, reply=request.reply)
+    if grammar and template is not None:
+        gen_params["grammar"] = grammar
     max_new_tokens, error = await upstream.check_length(SimpleNamespace(model=model), prompt,
                                                         data.get("max_tokens"), worker_addr)
     if error is not None:
@@ -183,7 +189,7 @@ class RouteToolRequests:
         if body is None:
             return
         try:
-            tools = uses_tools(json.loads(body))
+            tools = uses_tools_or_json(json.loads(body))
         except ValueError:
             tools = False
         if tools:

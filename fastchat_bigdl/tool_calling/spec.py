@@ -1,8 +1,10 @@
-"""The tool part of a chat completions request: checked, then normalised.
+"""The tool and output-format part of a chat completions request: checked, then
+normalised.
 
-OpenAI's ``tools``/``tool_choice`` and the legacy ``functions``/``function_call`` both
-become one ``ToolRequest``; anything malformed raises ``request_errors.Invalid`` (a 400 in
-FastChat's error schema), including a parameters schema the decoder cannot enforce.
+OpenAI's ``tools``/``tool_choice``, the legacy ``functions``/``function_call`` and a JSON
+``response_format`` become one ``ToolRequest``; anything malformed raises
+``request_errors.Invalid`` (a 400 in FastChat's error schema), including a schema the
+decoder cannot enforce.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from fastchat.constants import ErrorCode
 
-from fastchat_bigdl.tool_calling.grammar import check_enforceable
+from fastchat_bigdl.tool_calling.grammar import check_enforceable, reply_schema, schema_problem
 from fastchat_bigdl.request_errors import Invalid
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -41,6 +43,7 @@ class ToolRequest:
     choice: str  # "none" | "auto" | "required" | "named"
     named: Optional[str] = None  # the function tool_choice names
     legacy: bool = False  # asked with functions/function_call: answer with function_call
+    reply: Optional[Dict[str, Any]] = None  # JSON schema a text reply must follow (response_format)
 
     @property
     def constrained(self) -> bool:
@@ -53,10 +56,15 @@ class ToolRequest:
         return [] if self.choice == "none" else list(self.tools)
 
 
-def uses_tools(data: dict) -> bool:
-    """Whether the request needs the tool-calling handler (tools offered, or a
-    conversation that already holds tool calls or tool results)."""
-    if any(data.get(key) is not None for key in TOOL_KEYS):
+def _wants_json(data: dict) -> bool:
+    fmt = data.get("response_format")
+    return not (fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"))
+
+
+def uses_tools_or_json(data: dict) -> bool:
+    """Whether the request needs the tool-calling handler: tools offered, a conversation
+    that already holds tool calls or tool results, or a JSON ``response_format``."""
+    if any(data.get(key) is not None for key in TOOL_KEYS) or _wants_json(data):
         return True
     messages = data.get("messages")
     return isinstance(messages, list) and any(
@@ -170,14 +178,37 @@ def _check_call(where: str, function: Any) -> None:
         raise Invalid(f"{where} must hold a function {{'name': str, 'arguments': JSON string}}")
 
 
+def _reply(data: dict) -> Optional[Dict[str, Any]]:
+    """The JSON schema ``response_format`` asks the reply to follow (None: free text)."""
+    fmt = data.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise Invalid("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise Invalid("'response_format.json_schema' must be {'name': ..., 'schema': {JSON schema}}")
+    problem = schema_problem(reply_schema(schema))
+    if problem:
+        raise Invalid(f"response_format.json_schema.schema is not a JSON schema this server can enforce: {problem}")
+    return reply_schema(schema)
+
+
 def tool_request(data: dict) -> ToolRequest:
-    """The request's tool part, checked (raises ``Invalid``) and normalised."""
+    """The request's tool and output-format part, checked (raises ``Invalid``) and
+    normalised."""
     tools, legacy = _tools(data)
     choice, named = _choice(data, tools, legacy)
     if "parallel_tool_calls" in data and not isinstance(data["parallel_tool_calls"], (bool, type(None))):
         raise Invalid("'parallel_tool_calls' must be true or false")
     _check_tool_messages(data.get("messages"))
-    request = ToolRequest(tools, choice, named, legacy)
+    request = ToolRequest(tools, choice, named, legacy, _reply(data))
     for i, tool in enumerate(tools):
         problem = check_enforceable(tool)
         if problem:

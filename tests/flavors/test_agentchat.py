@@ -96,3 +96,31 @@ def test_assistant_agent_calls_a_tool_and_answers_from_its_result(tool_server):
     execution = next(m for m in result.messages if isinstance(m, ToolCallExecutionEvent))
     assert not execution.content[0].is_error and "sunny in" in execution.content[0].content
     assert isinstance(result.messages[-1].content, str)  # the answer after the result went back
+
+
+def test_structured_output_comes_back_as_the_pydantic_model(tool_server):
+    from typing import Literal
+
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.messages import StructuredMessage
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        city: Literal["paris", "oslo"]
+        days: int = Field(ge=1, le=7)
+        rain: bool
+
+    client = autogen_local.model_client(base_url=tool_server.base_url, max_tokens=80)
+
+    async def run():
+        agent = AssistantAgent("assistant", model_client=client, output_content_type=Forecast,
+                               system_message="You forecast the weather.")
+        try:
+            return await agent.run(task="weather in paris for 3 days?")
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    last = result.messages[-1]
+    assert isinstance(last, StructuredMessage) and isinstance(last.content, Forecast)
+    assert last.content.city in ("paris", "oslo") and 1 <= last.content.days <= 7
