@@ -62,6 +62,13 @@ def versions() -> List[Check]:
     ))
     ipex = installed_version("intel-extension-for-pytorch")
     checks.append(Check("intel-extension-for-pytorch", True, ipex or "not installed (needed for --device xpu only)"))
+    guidance = installed_version("llguidance")
+    checks.append(Check("llguidance", guidance is not None,
+                        f"{guidance} (tool calling, JSON replies)" if guidance else
+                        "not installed: tool calls and JSON replies cannot be constrained",
+                        "pip install 'llguidance>=1.9,<2'"))
+    llama_cpp = installed_version("llama_cpp_python")
+    checks.append(Check("llama-cpp-python", True, llama_cpp or "not installed (only for bench --against llama-cpp)"))
     try:
         from autogen_local.flavor import AutoGenNotInstalled, detect_flavor
 

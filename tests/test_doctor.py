@@ -77,3 +77,15 @@ def test_short_worker_api_timeout_is_flagged(monkeypatch):
     assert not check.ok and "FASTCHAT_WORKER_API_TIMEOUT=600" in check.fix
     monkeypatch.delenv("FASTCHAT_WORKER_API_TIMEOUT")
     assert doctor.timeouts()[0].ok
+
+
+def test_tool_calling_and_llama_cpp_support_are_reported(monkeypatch):
+    from fastchat_bigdl import backend
+
+    checks = {c.name: c for c in doctor.versions()}
+    assert checks["llguidance"].ok and "tool calling" in checks["llguidance"].detail
+    assert "llama-cpp-python" in checks
+    real = backend.installed_version
+    monkeypatch.setattr(doctor, "installed_version", lambda name: None if name == "llguidance" else real(name))
+    missing = {c.name: c for c in doctor.versions()}["llguidance"]
+    assert not missing.ok and not missing.blocking and "pip install 'llguidance" in missing.fix
