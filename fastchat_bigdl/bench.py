@@ -417,7 +417,8 @@ def shape_of_model(model_path: str) -> LlamaShape:
     heads = config["num_attention_heads"]
     return LlamaShape(config["hidden_size"], config["num_hidden_layers"], heads,
                       config.get("num_key_value_heads", heads), config["intermediate_size"],
-                      config["vocab_size"], config.get("max_position_embeddings", 2048))
+                      config["vocab_size"], config.get("max_position_embeddings", 2048),
+                      tied_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ class LlamaShape:
     intermediate: int
     vocab: int
     context: int
+    tied_embeddings: bool = False  # lm_head shares the input embedding (SmolLM2)
 
     @property
     def linear_params(self) -> int:
@@ -34,7 +35,7 @@ class LlamaShape:
 
     @property
     def params(self) -> int:
-        return self.linear_params + self.hidden * self.vocab  # + input embeddings
+        return self.linear_params + (0 if self.tied_embeddings else self.hidden * self.vocab)  # + input embeddings
 
 
 # ~374 M parameters: the shape the measurements used.

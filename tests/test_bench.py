@@ -186,6 +186,7 @@ def test_against_llama_cpp_compares_the_demo_gguf_with_its_converted_checkpoint(
     assert s.gguf_path.endswith(DEMO_GGUF) and Path(s.model_path).name == DEMO_NAME
     assert s.conv_template is None and s.prompt_style == "english"  # both use the model's ChatML template
     assert s.shape.hidden == 576 and s.shape.layers == 30  # SmolLM2-135M, read from the converted config
+    assert s.shape.tied_embeddings and 130e6 < s.shape.params < 140e6  # its lm_head is the embedding
     with pytest.raises(SystemExit, match="needs --gguf"):
         bench.settings_from_args(argparse.Namespace(**{**vars(args), "model_path": "/some/model"}))
 
