@@ -399,17 +399,11 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     report["ratios"] = compare(report["stacks"][OURS], report["stacks"][STOCK])
     if LLAMA_CPP in report["stacks"]:
         report["vs_llama_cpp"] = compare_with_peer(report["stacks"][OURS], report["stacks"][LLAMA_CPP])
-        report["llama_cpp"] = {"version": _llama_cpp_version(), "gguf": s.gguf_path}
+        report["llama_cpp"] = {"version": bench_llama_cpp.llama_cpp_version(), "gguf": s.gguf_path}
     report["targets"] = targets(report)
     (s.out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, s.out_dir / "bench.png")
     return report
-
-
-def _llama_cpp_version() -> Optional[str]:
-    from fastchat_bigdl.bench_llama_cpp import llama_cpp_version
-
-    return llama_cpp_version()
 
 
 def shape_of_model(model_path: str) -> LlamaShape:

@@ -13,11 +13,11 @@ from fastchat_bigdl.app_runner import run_app
 from fastchat_bigdl.serve import API_KEYS_ENV
 from fastchat_bigdl.server_errors import ClearServerErrors
 from fastchat_bigdl.tool_calling.route import RouteToolRequests, router as tool_router
-from fastchat_bigdl.validation import MAX_BODY_BYTES, OPENAI_CHECKS, ValidateRequests
+from fastchat_bigdl.validation import OPENAI_CHECKS, ValidateRequests
 
 app = upstream.app
 app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
-app.add_middleware(RouteToolRequests, max_body=MAX_BODY_BYTES)
+app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
 app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
 app.add_middleware(ClearServerErrors)
 

@@ -15,7 +15,7 @@ from fastchat.constants import ErrorCode
 
 from fastchat_bigdl.asgi_body import BodyTooLarge, read_body, replaying
 from fastchat_bigdl.request_errors import Invalid, error_response
-from fastchat_bigdl.tool_calling.grammar import grammar_error
+from fastchat_bigdl.tool_calling.grammar import grammar_problem
 from fastchat_bigdl.tool_calling.spec import tool_request, uses_tools_or_json
 
 MAX_BODY_BYTES = 4 << 20
@@ -23,6 +23,8 @@ MAX_DEPTH = 32
 MAX_N = 8
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 300
+# Where a checked request's parsed JSON body is handed to the apps behind (scope["state"]).
+PARSED_BODY = "fastchat_bigdl.parsed_body"
 CHAT_ROLES = ("system", "user", "assistant", "tool", "function")
 
 Problem = Optional[Tuple[int, str]]
@@ -181,9 +183,9 @@ def check_worker_generate(data: dict) -> None:
         raise Invalid("'echo' must be true or false")
     grammar = data.get("grammar")
     if grammar is not None:
-        problem = grammar_error(grammar) if isinstance(grammar, str) else "it must be a string"
+        problem = grammar_problem(grammar) if isinstance(grammar, str) else "it must be a string"
         if problem:
-            raise Invalid(f"'grammar' is not a grammar this worker can enforce: {problem.strip().splitlines()[0]}")
+            raise Invalid(f"'grammar' is not a grammar this worker can enforce: {problem}")
 
 
 def check_worker_count(data: dict) -> None:
@@ -193,7 +195,8 @@ def check_worker_count(data: dict) -> None:
 
 class ValidateRequests:
     """ASGI middleware: read the body of the listed POST routes, run the route's check,
-    answer 4xx in FastChat's error schema, or pass the buffered body on unchanged."""
+    answer 4xx in FastChat's error schema, or pass the buffered body on unchanged (and
+    its parsed JSON in ``scope["state"][PARSED_BODY]``, so nothing behind parses it again)."""
 
     def __init__(self, app, checks: Dict[str, Callable[[dict], None]], max_body: int = MAX_BODY_BYTES):
         self.app, self.checks, self.max_body = app, checks, max_body
@@ -211,9 +214,11 @@ class ValidateRequests:
         if body is None:
             return
         try:
-            check(parse_body(body))
+            data = parse_body(body)
+            check(data)
         except Invalid as exc:
             return await error_response(exc.code, str(exc))(scope, receive, send)
+        scope = {**scope, "state": {**scope.get("state", {}), PARSED_BODY: data}}
         await self.app(scope, replaying(body, receive), send)
 
 

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from fastchat_bigdl.chat_template import conversation_from_chat_template
 from fastchat_bigdl.generation import generate_stream
 from fastchat_bigdl.request_errors import Invalid
-from fastchat_bigdl.tool_calling.grammar import output_grammar, tool_call_grammar
+from fastchat_bigdl.tool_calling.grammar import output_grammar
 from fastchat_bigdl.tool_calling.parse import StreamSplitter, parse_reply
 from fastchat_bigdl.tool_calling.prompt import render_generic, render_prompt
 from fastchat_bigdl.tool_calling.spec import Tool, tool_request, uses_tools_or_json
@@ -149,7 +149,7 @@ def generate(tiny, grammar, seed, temperature=1.0, max_new_tokens=200):
 
 @pytest.mark.parametrize("seed", range(24))
 def test_a_required_call_always_names_an_offered_tool_and_validates(tiny, seed):
-    out = generate(tiny, tool_call_grammar(TOOLS, forced=True), seed)
+    out = generate(tiny, output_grammar(TOOLS, forced=True), seed)
     assert out["finish_reason"] == "stop", out
     reply = parse_reply(out["text"], [t.name for t in TOOLS])
     assert reply.content is None and len(reply.calls) == 1, out["text"]
@@ -160,7 +160,7 @@ def test_a_required_call_always_names_an_offered_tool_and_validates(tiny, seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_named_call_uses_that_tool(tiny, seed):
-    out = generate(tiny, tool_call_grammar([TOOLS[1]], forced=True), seed)
+    out = generate(tiny, output_grammar([TOOLS[1]], forced=True), seed)
     call = parse_reply(out["text"], ["book_table"]).calls[0]
     jsonschema.validate(json.loads(call["arguments"]), BOOKING)
 
@@ -169,9 +169,9 @@ def test_auto_leaves_the_model_free_to_answer_in_text(tiny):
     from fastchat_bigdl.constrained import GrammarConstraint
 
     model, tok = tiny
-    out = generate(tiny, tool_call_grammar(TOOLS, forced=False), seed=3, temperature=0, max_new_tokens=24)
+    out = generate(tiny, output_grammar(TOOLS, forced=False), seed=3, temperature=0, max_new_tokens=24)
     assert out["finish_reason"] == "length" and out["text"] and "<tool_call>" not in out["text"]
-    constraint = GrammarConstraint(tok, tool_call_grammar(TOOLS, forced=False), model.config.vocab_size,
+    constraint = GrammarConstraint(tok, output_grammar(TOOLS, forced=False), model.config.vocab_size,
                                    [tok.eos_token_id])
     allowed = set(torch.isfinite(constraint.mask(torch.zeros(model.config.vocab_size))).nonzero().flatten().tolist())
     text_tokens = {t for t in range(len(tok)) if t not in tok.all_special_ids and "\ufffd" not in tok.decode([t])}
@@ -182,7 +182,7 @@ def test_auto_constrains_a_call_once_the_model_opens_one(tiny):
     from fastchat_bigdl.constrained import GrammarConstraint
 
     model, tok = tiny
-    constraint = GrammarConstraint(tok, tool_call_grammar(TOOLS, forced=False), model.config.vocab_size,
+    constraint = GrammarConstraint(tok, output_grammar(TOOLS, forced=False), model.config.vocab_size,
                                    [tok.eos_token_id])
     for token in tok("Let me check. <tool_call>", add_special_tokens=False).input_ids:
         assert constraint.advance(token)

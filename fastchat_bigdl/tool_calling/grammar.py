@@ -20,6 +20,7 @@ invented keys until it runs out of tokens.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -91,18 +92,12 @@ def output_grammar(tools: Iterable = (), forced: bool = False, reply: Optional[D
     return "%llguidance {}\n" + "\n".join(rules) + "\n"
 
 
-def tool_call_grammar(tools: Iterable, forced: bool) -> str:
-    return output_grammar(tools, forced)
-
-
-def grammar_error(grammar: str) -> Optional[str]:
-    """Why llguidance cannot compile ``grammar`` (None when it can)."""
+@functools.lru_cache(maxsize=256)  # a request's schemas are checked on arrival, then used
+def grammar_problem(grammar: str) -> Optional[str]:
+    """Why llguidance cannot compile ``grammar``, in one line (None when it can)."""
     import llguidance
 
-    return llguidance.LLMatcher.validate_grammar(grammar, None) or None
-
-
-def _reason(error: Optional[str]) -> Optional[str]:
+    error = llguidance.LLMatcher.validate_grammar(grammar, None)
     if not error:
         return None
     # llguidance reports "at L(C): <reason>" followed by the grammar; keep the reason.
@@ -112,9 +107,9 @@ def _reason(error: Optional[str]) -> Optional[str]:
 
 def check_enforceable(tool) -> Optional[str]:
     """The reason a tool's parameters schema cannot be enforced, or None."""
-    return _reason(grammar_error(output_grammar([tool], forced=True)))
+    return grammar_problem(output_grammar([tool], forced=True))
 
 
 def schema_problem(schema: Dict[str, Any]) -> Optional[str]:
     """The reason a reply schema cannot be enforced, or None."""
-    return _reason(grammar_error(output_grammar(reply=schema)))
+    return grammar_problem(output_grammar(reply=schema))

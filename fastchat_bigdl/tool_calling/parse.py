@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from fastchat_bigdl.generation import StopMatcher
 from fastchat_bigdl.tool_calling.grammar import CLOSE, OPEN
 
 
@@ -69,6 +70,7 @@ class StreamSplitter:
     def __init__(self):
         self.sent = 0
         self.in_call = False
+        self.opening = StopMatcher([OPEN])  # holds back text that may yet become <tool_call>
 
     def content_delta(self, text: str) -> str:
         if self.in_call:
@@ -78,7 +80,7 @@ class StreamSplitter:
             self.in_call = True
             safe = len(text[:start].rstrip())
         else:
-            held = next((n for n in range(min(len(OPEN) - 1, len(text)), 0, -1) if OPEN.startswith(text[-n:])), 0)
+            held = self.opening.held_back(text)
             safe = len(text[:len(text) - held].rstrip())  # whitespace before a call is not content
         if safe <= self.sent:
             return ""

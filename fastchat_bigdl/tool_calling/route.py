@@ -24,12 +24,12 @@ from fastapi.responses import StreamingResponse
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
 from fastchat.serve import openai_api_server as upstream
 
-from fastchat_bigdl.asgi_body import BodyTooLarge, read_body, replaying
 from fastchat_bigdl.request_errors import error_response
 from fastchat_bigdl.tool_calling.grammar import output_grammar
 from fastchat_bigdl.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
 from fastchat_bigdl.tool_calling.prompt import render_prompt
 from fastchat_bigdl.tool_calling.spec import ToolRequest, tool_request, uses_tools_or_json
+from fastchat_bigdl.validation import PARSED_BODY
 
 CHAT_PATH = "/v1/chat/completions"
 TOOLS_PATH = "/fastchat_bigdl/v1/chat/completions_with_tools"
@@ -56,6 +56,11 @@ async def chat_template_info(worker_addr: str, model: str) -> Optional[Dict[str,
 def _param(data: dict, name: str):
     value = data.get(name)
     return DEFAULTS.get(name) if value is None else value
+
+
+def _reply_of(text: str, finish_reason: Optional[str], names: List[str]) -> ParsedReply:
+    # A call cut off by max_tokens stays text: a partial call would not parse.
+    return ParsedReply(text) if finish_reason == "length" else parse_reply(text, names)
 
 
 def _message(reply: ParsedReply, request: ToolRequest) -> (Dict[str, Any], Optional[str]):
@@ -101,7 +106,7 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
             delta = splitter.content_delta(text)
             if delta:
                 yield _chunk(completion_id, model, index, {"content": delta})
-        reply = parse_reply(text, names) if finish_reason != "length" else ParsedReply(text)
+        reply = _reply_of(text, finish_reason, names)
         message, call_finish = _message(reply, request)
         if not reply.calls and len(text) > splitter.sent:  # held back but not a call after all
             yield _chunk(completion_id, model, index, {"content": text[splitter.sent:]})
@@ -113,7 +118,7 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
 
 @router.post(TOOLS_PATH, dependencies=[Depends(upstream.check_api_key)])
 async def chat_completions_with_tools(raw: Request):
-    data = await raw.json()  # checked by ValidateRequests on the way in
+    data = raw.scope.get("state", {}).get(PARSED_BODY) or await raw.json()  # checked on the way in
     request = tool_request(data)
     model = data["model"]
     error = await upstream.check_model(SimpleNamespace(model=model))
@@ -161,8 +166,7 @@ async def chat_completions_with_tools(raw: Request):
         if content["error_code"] != 0:
             return error_response(content["error_code"], content["text"])
         finish_reason = content.get("finish_reason") or "stop"
-        # A call cut off by max_tokens stays text: a partial call would not parse.
-        reply = parse_reply(content["text"], names) if finish_reason != "length" else ParsedReply(content["text"])
+        reply = _reply_of(content["text"], finish_reason, names)
         message, call_finish = _message(reply, request)
         choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason})
         for key in usage:
@@ -172,26 +176,16 @@ async def chat_completions_with_tools(raw: Request):
 
 
 class RouteToolRequests:
-    """ASGI middleware: chat completions that use tools go to this module's route,
-    everything else to FastChat's handler."""
+    """ASGI middleware behind ``ValidateRequests``: chat completions that use tools or ask
+    for JSON go to this module's route, everything else to FastChat's handler. It decides
+    on the body ValidateRequests parsed and checked."""
 
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
-        if not (scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == CHAT_PATH):
-            return await self.app(scope, receive, send)
-        try:
-            body = await read_body(receive, self.max_body)
-        except BodyTooLarge:  # ValidateRequests, outside, already refuses these
-            return await error_response(ErrorCode.PARAM_OUT_OF_RANGE, "the request body is too large",
-                                        status=413)(scope, receive, send)
-        if body is None:
-            return
-        try:
-            tools = uses_tools_or_json(json.loads(body))
-        except ValueError:
-            tools = False
-        if tools:
-            scope = dict(scope, path=TOOLS_PATH, raw_path=TOOLS_PATH.encode())
-        await self.app(scope, replaying(body, receive), send)
+        if scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == CHAT_PATH:
+            data = scope.get("state", {}).get(PARSED_BODY)
+            if data is not None and uses_tools_or_json(data):
+                scope = dict(scope, path=TOOLS_PATH, raw_path=TOOLS_PATH.encode())
+        await self.app(scope, receive, send)
