@@ -6,7 +6,7 @@ import os as _os
 ORIGINAL_PROXY_ENV = {k: _os.environ.get(k) for k in
                       ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")}
 
-from fastchat_bigdl.netenv import bypass_proxy_for_loopback  # noqa: E402
+from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,4 @@
+"""``python -m fastchat_bigdl``: the ``fastchat-bigdl`` command."""
 import sys
 
 from fastchat_bigdl.cli import main

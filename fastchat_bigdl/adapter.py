@@ -11,7 +11,7 @@ from fastchat.model.model_adapter import (
     register_model_adapter,
 )
 
-from fastchat_bigdl.loader import DEFAULT_LOW_BIT, load_low_bit_model
+from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT, load_low_bit_model
 
 _BIGDL = re.compile("bigdl", re.IGNORECASE)
 
@@ -75,7 +75,7 @@ def conversation_for(model_path: str, tokenizer, logger=None) -> Conversation:
     """The prompt template for a low-bit model: FastChat's specific template for the
     model when it knows one, else the tokenizer's own chat template, else FastChat's
     generic fallback (with a warning, since answers will suffer)."""
-    from fastchat_bigdl.chat_template import conversation_from_chat_template
+    from fastchat_bigdl.common.chat_template import conversation_from_chat_template
 
     adapter = underlying_adapter(model_path)
     if type(adapter) is not BaseModelAdapter:

@@ -1,4 +1,4 @@
-"""The ``fastchat-bigdl`` command."""
+"""The ``fastchat-bigdl`` command: ``serve``, ``bench`` and ``doctor``."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ from fastchat_bigdl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastchat_bigdl import bench, doctor, serve
+    from fastchat_bigdl.bench import main as bench
+    from fastchat_bigdl.stack import doctor, serve
 
     parser = argparse.ArgumentParser(prog="fastchat-bigdl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastchat-bigdl {__version__}")

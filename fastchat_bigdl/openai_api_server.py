@@ -1,34 +1,8 @@
-"""``python -m fastchat_bigdl.openai_api_server``: FastChat's OpenAI API server (same
-flags, routes and behaviour), with request validation in front of it so bad input gets
-a 4xx in FastChat's error schema instead of a 500 and a stack trace, and OpenAI tool
-calling (``tools``, ``tool_choice``, legacy ``functions``) with schema-constrained calls."""
-from __future__ import annotations
+"""``python -m fastchat_bigdl.openai_api_server``: FastChat's OpenAI API server with this
+package's validation, error handling and tool calling (see ``fastchat_bigdl.api``)."""
+from fastchat_bigdl.api.server import app, main
 
-import os
-
-import fastchat_bigdl  # noqa: F401  keeps proxies off loopback
-from fastchat.serve import openai_api_server as upstream
-
-from fastchat_bigdl.app_runner import run_app
-from fastchat_bigdl.serve import API_KEYS_ENV
-from fastchat_bigdl.server_errors import ClearServerErrors
-from fastchat_bigdl.tool_calling.route import RouteToolRequests, router as tool_router
-from fastchat_bigdl.validation import OPENAI_CHECKS, ValidateRequests
-
-app = upstream.app
-app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
-app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
-app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
-app.add_middleware(ClearServerErrors)
-
-
-def main() -> None:
-    args = upstream.create_openai_api_server()  # FastChat's parser and settings
-    keys = os.environ.get(API_KEYS_ENV)
-    if keys and not args.api_keys:  # given by environment so they stay out of argv and logs
-        upstream.app_settings.api_keys = [k for k in keys.split(",") if k]
-    run_app(app, args)
-
+__all__ = ["app", "main"]
 
 if __name__ == "__main__":
     main()

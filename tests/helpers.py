@@ -113,7 +113,7 @@ def pids_alive(pids) -> list:
 @contextlib.contextmanager
 def running_stack(**kwargs):
     """controller + low-bit worker + API server on free loopback ports, ready to serve."""
-    from fastchat_bigdl.serve import Stack, free_port
+    from fastchat_bigdl.stack.serve import Stack, free_port
 
     kwargs.setdefault("port", free_port())
     stack = Stack(**kwargs)

@@ -10,8 +10,8 @@ import pytest
 import requests
 
 import autogen_local
-from fastchat_bigdl.oom import SIMULATE_ENV
-from fastchat_bigdl.serve import Stack, free_port
+from fastchat_bigdl.lowbit.oom import SIMULATE_ENV
+from fastchat_bigdl.stack.serve import Stack, free_port
 from helpers import chat
 
 pytestmark = [pytest.mark.slow]

@@ -129,7 +129,7 @@ def test_model_none_with_several_models_lists_them(models_server):
 
 
 def test_wait_ready_on_a_dead_endpoint_names_it(tmp_path):
-    from fastchat_bigdl.serve import free_port
+    from fastchat_bigdl.stack.serve import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(autogen_local.EndpointNotReady) as err:

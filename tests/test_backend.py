@@ -1,7 +1,7 @@
 import pytest
 
-from fastchat_bigdl import backend
-from fastchat_bigdl.backend import BackendError, resolve_backend
+from fastchat_bigdl.lowbit import backend
+from fastchat_bigdl.lowbit.backend import BackendError, resolve_backend
 
 
 @pytest.fixture(autouse=True)

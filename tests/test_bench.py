@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fastchat_bigdl import bench
-from fastchat_bigdl.bench_model import QUICK_SHAPE, build_random_llama, words
+from fastchat_bigdl.bench import main as bench_main
+from fastchat_bigdl.bench import measure as bench_measure
+from fastchat_bigdl.bench import report as bench_report
+from fastchat_bigdl.bench import settings as bench_settings
+from fastchat_bigdl.bench.random_model import QUICK_SHAPE, build_random_llama, words
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,10 +49,10 @@ def fake_report(ours_tok_s=30.0, stock_tok_s=10.0):
                 "roofline": {"tok_s": 100.0, "percent": tok_s, "bytes_per_token": 1.0}}
 
     report = {"machine": {"bandwidth_gbs": 20.0, "cpus": 2}, "model": {"params": 3e8, "name": "m"},
-              "stacks": {bench.OURS: stack("sym_int4", ours_tok_s, [0.1, 0.12], [20.0, 8.0], [10.0, 1.0], 500),
-                         bench.STOCK: stack("fp32", stock_tok_s, [0.2, 0.8], [9.0], [], 1500)}}
-    report["ratios"] = bench.compare(report["stacks"][bench.OURS], report["stacks"][bench.STOCK])
-    report["targets"] = bench.targets(report)
+              "stacks": {bench_settings.OURS: stack("sym_int4", ours_tok_s, [0.1, 0.12], [20.0, 8.0], [10.0, 1.0], 500),
+                         bench_settings.STOCK: stack("fp32", stock_tok_s, [0.2, 0.8], [9.0], [], 1500)}}
+    report["ratios"] = bench_report.compare(report["stacks"][bench_settings.OURS], report["stacks"][bench_settings.STOCK])
+    report["targets"] = bench_report.targets(report)
     return report
 
 
@@ -64,18 +67,18 @@ def test_ratios_and_targets_are_computed_from_the_measurements():
     t = report["targets"]
     assert t["decode >= 3x stock fp32"]["met"] and t["cached start >= 5x faster (model load)"]["met"]
     assert t["replay turn-last TTFT <= 1.5x turn-1"]["met"] and not t["roofline >= 50%"]["met"]
-    assert not bench.targets(fake_report(ours_tok_s=20.0))["decode >= 3x stock fp32"]["met"]
-    table = bench.format_table(report)
+    assert not bench_report.targets(fake_report(ours_tok_s=20.0))["decode >= 3x stock fp32"]["met"]
+    table = bench_report.format_table(report)
     assert "3.00x" in table and "NOT met" in table
 
 
 def test_roofline_uses_the_bytes_each_format_reads():
     shape = QUICK_SHAPE
-    result = bench.StackResult("x", "sym_int4", decode=[{"tok_s": 10.0, "ttft_s": 0.1}],
+    result = bench_measure.StackResult("x", "sym_int4", decode=[{"tok_s": 10.0, "ttft_s": 0.1}],
                                replay=[{"turn": 1, "ttft_s": 0.1}])
-    summary = bench.summarize(result, shape, bandwidth_gbs=10.0)
+    summary = bench_report.summarize(result, shape, bandwidth_gbs=10.0)
     assert summary["roofline"]["bytes_per_token"] == pytest.approx(shape.linear_params * 18 / 32)
-    fp32 = bench.summarize(bench.StackResult("y", None, decode=result.decode, replay=result.replay), shape, 10.0)
+    fp32 = bench_report.summarize(bench_measure.StackResult("y", None, decode=result.decode, replay=result.replay), shape, 10.0)
     assert fp32["roofline"]["tok_s"] == pytest.approx(summary["roofline"]["tok_s"] * (18 / 32) / 4)
 
 
@@ -89,7 +92,7 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
     assert report["machine"]["bandwidth_gbs"] > 0
-    for label in (bench.OURS, bench.STOCK):
+    for label in (bench_settings.OURS, bench_settings.STOCK):
         stack = report["stacks"][label]
         assert stack["decode"]["tok_s"] > 0 and 0 < stack["decode"]["ttft_s"] < 60
         assert [t["turn"] for t in stack["replay"]] == [1, 2, 3]
@@ -97,10 +100,10 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
         assert history == sorted(history) and history[0] < history[-1]  # it grows each turn
         assert all(t["ttft_s"] <= t["latency_s"] for t in stack["replay"])
         assert stack["peak_rss_mb"] > 50 and stack["roofline"]["tok_s"] > 0
-    ours = report["stacks"][bench.OURS]
+    ours = report["stacks"][bench_settings.OURS]
     assert ours["low_bit"] == "sym_int4" and len(ours["start_s"]) == 2 and len(ours["model_load_s"]) == 2
     assert report["ratios"]["decode_speedup"] == pytest.approx(
-        ours["decode"]["tok_s"] / report["stacks"][bench.STOCK]["decode"]["tok_s"])
+        ours["decode"]["tok_s"] / report["stacks"][bench_settings.STOCK]["decode"]["tok_s"])
     assert set(report["targets"]) == {"decode >= 3x stock fp32", "replay turn-last TTFT <= 1.5x turn-1",
                                       "cached start >= 5x faster (model load)", "roofline >= 50%"}
 
@@ -150,69 +153,69 @@ def settings(tmp_path, **overrides):
     values = dict(shape=QUICK_SHAPE, model_path=None, low_bit="sym_int4", prompt_tokens=12, max_tokens=6, repeats=2,
                   turns=3, turn_tokens=5, turn_max_tokens=4, out_dir=tmp_path / "out", against=("llama-cpp",))
     values.update(overrides)
-    return bench.BenchSettings(**values)
+    return bench_settings.BenchSettings(**values)
 
 
 def test_llama_cpp_is_measured_in_a_process_of_its_own(tmp_path, fake_llama_cpp):
-    from fastchat_bigdl import bench_llama_cpp
+    from fastchat_bigdl.bench import llama_cpp_peer as bench_llama_cpp
 
     lines = []
     result = bench_llama_cpp.measure(settings(tmp_path), str(fake_llama_cpp), lines.append,
                                      chat_factory=bench_llama_cpp.LlamaCppProcess)
-    assert result.label == bench.LLAMA_CPP and result.low_bit == "q4_1"
+    assert result.label == bench_settings.LLAMA_CPP and result.low_bit == "q4_1"
     assert [r["tokens"] for r in result.decode] == [6, 6]  # counted by llama.cpp's tokenizer
     assert [t["turn"] for t in result.replay] == [1, 2, 3]
     history = [t["history_tokens"] for t in result.replay]
-    assert history[0] == 12 + len(bench.SYSTEM.split()) and history == sorted(history)
+    assert history[0] == 12 + len(bench_settings.SYSTEM.split()) and history == sorted(history)
     assert 0 < result.peak_rss_mb < 300  # the child's own: no torch, no FastChat
     assert any("replay turn 3/3" in line for line in lines)
 
 
 def test_missing_llama_cpp_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    from fastchat_bigdl import bench_llama_cpp
+    from fastchat_bigdl.bench import llama_cpp_peer as bench_llama_cpp
 
     monkeypatch.setattr(bench_llama_cpp, "llama_cpp_version", lambda: None)
-    assert bench.main(["--against", "llama-cpp", "--out", str(tmp_path)]) == 2
+    assert bench_main.main(["--against", "llama-cpp", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "needs llama-cpp-python" in err and "GGML_AMX_TILE=OFF" in err
 
 
 def test_against_llama_cpp_compares_the_demo_gguf_with_its_converted_checkpoint(tmp_path):
-    from fastchat_bigdl.demo_model import DEMO_GGUF, DEMO_NAME
+    from fastchat_bigdl.stack.demo_model import DEMO_GGUF, DEMO_NAME
 
     args = argparse.Namespace(model_path=None, gguf=None, against=["llama-cpp"], quick=True, low_bit="sym_int4",
                               turns=None, out=str(tmp_path))
-    s = bench.settings_from_args(args)
+    s = bench_main.settings_from_args(args)
     assert s.gguf_path.endswith(DEMO_GGUF) and Path(s.model_path).name == DEMO_NAME
     assert s.conv_template is None and s.prompt_style == "english"  # both use the model's ChatML template
     assert s.shape.hidden == 576 and s.shape.layers == 30  # SmolLM2-135M, read from the converted config
     assert s.shape.tied_embeddings and 130e6 < s.shape.params < 140e6  # its lm_head is the embedding
     with pytest.raises(SystemExit, match="needs --gguf"):
-        bench.settings_from_args(argparse.Namespace(**{**vars(args), "model_path": "/some/model"}))
+        bench_main.settings_from_args(argparse.Namespace(**{**vars(args), "model_path": "/some/model"}))
 
 
 def test_the_llama_cpp_column_ratios_and_plot_series(tmp_path):
     report = fake_report(ours_tok_s=30.0)
-    peer = json.loads(json.dumps(report["stacks"][bench.STOCK]))
+    peer = json.loads(json.dumps(report["stacks"][bench_settings.STOCK]))
     peer.update(low_bit="q4_1", peak_rss_mb=250, decode={"tok_s": 60.0, "ttft_s": 0.05, "runs": []},
                 replay=[{"turn": 1, "ttft_s": 0.05}, {"turn": 2, "ttft_s": 0.06}])
-    report["stacks"][bench.LLAMA_CPP] = peer
-    report["vs_llama_cpp"] = bench.compare_with_peer(report["stacks"][bench.OURS], peer)
+    report["stacks"][bench_settings.LLAMA_CPP] = peer
+    report["vs_llama_cpp"] = bench_report.compare_with_peer(report["stacks"][bench_settings.OURS], peer)
     vs = report["vs_llama_cpp"]
     assert vs["decode_speedup"] == pytest.approx(0.5) and vs["ttft_speedup"] == pytest.approx(0.5)
     assert vs["replay_last_turn_ttft_speedup"] == pytest.approx(0.06 / 0.12)
     assert vs["peak_rss_ratio"] == pytest.approx(2.0)  # ours / theirs
-    table = bench.format_table(report)
+    table = bench_report.format_table(report)
     header = table.splitlines()[0]
     assert "llama.cpp (q4_1)" in header and "ours vs llama.cpp" in header
     assert "0.50x" in table.splitlines()[2]  # decode row
-    bench.plot(report, tmp_path / "bench.png")
+    bench_report.plot(report, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_english_prompts_are_counted_by_the_model_tokenizer(tiny_llama, tmp_path):
     s = settings(tmp_path, prompt_style="english")
-    text = bench.prompt(s, 20, seed=1)
-    assert len(text.split()) == 20 and text == bench.prompt(s, 20, seed=1)
-    count = bench.token_counter(s, str(tiny_llama))
+    text = bench_settings.prompt(s, 20, seed=1)
+    assert len(text.split()) == 20 and text == bench_settings.prompt(s, 20, seed=1)
+    count = bench_settings.token_counter(s, str(tiny_llama))
     assert count(text) >= 20

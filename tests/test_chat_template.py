@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fastchat_bigdl.adapter import conversation_for
-from fastchat_bigdl.chat_template import conversation_from_chat_template, render
+from fastchat_bigdl.common.chat_template import conversation_from_chat_template, render
 from helpers import CHATML_TEMPLATE, build_tiny_llama
 
 ZEPHYR_LIKE = (

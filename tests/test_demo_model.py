@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastchat_bigdl import demo_model
-from fastchat_bigdl.serve import Stack, StackError, free_port
+from fastchat_bigdl.stack import demo_model
+from fastchat_bigdl.stack.serve import Stack, StackError, free_port
 from helpers import chat
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ import time
 import pytest
 import requests
 
-from fastchat_bigdl.bench_model import QUICK_SHAPE, build_random_llama, words
-from fastchat_bigdl.serve import Stack, free_port
+from fastchat_bigdl.bench.random_model import QUICK_SHAPE, build_random_llama, words
+from fastchat_bigdl.stack.serve import Stack, free_port
 
 pytestmark = [pytest.mark.slow]
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fastchat_bigdl import doctor
-from fastchat_bigdl.serve import free_port
+from fastchat_bigdl.stack import doctor
+from fastchat_bigdl.stack.serve import free_port
 from helpers import running_stack
 
 pytestmark = [pytest.mark.slow]
@@ -62,7 +62,7 @@ def test_no_stack_or_a_wrong_port_blocks_with_a_fix():
 def test_an_untested_combination_is_flagged(monkeypatch):
     import transformers
 
-    from fastchat_bigdl.backend import resolve_backend
+    from fastchat_bigdl.lowbit.backend import resolve_backend
 
     resolve_backend()  # imported (and cached) under the real version
     monkeypatch.setattr(transformers, "__version__", "5.0.0")
@@ -80,7 +80,7 @@ def test_short_worker_api_timeout_is_flagged(monkeypatch):
 
 
 def test_tool_calling_and_llama_cpp_support_are_reported(monkeypatch):
-    from fastchat_bigdl import backend
+    from fastchat_bigdl.lowbit import backend
 
     checks = {c.name: c for c in doctor.versions()}
     assert checks["llguidance"].ok and "tool calling" in checks["llguidance"].detail

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fastchat_bigdl.devices import use_physical_cores
-from fastchat_bigdl.generation import IncrementalDecoder, StopMatcher, generate_stream
+from fastchat_bigdl.lowbit.devices import use_physical_cores
+from fastchat_bigdl.worker.generation import IncrementalDecoder, StopMatcher, generate_stream
 
 
 class ScriptedLM:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fastchat_bigdl import loader
-from fastchat_bigdl.backend import resolve_backend
-from fastchat_bigdl.loader import UnsupportedModel, check_model_supported, load_low_bit_model
+from fastchat_bigdl.lowbit import loader
+from fastchat_bigdl.lowbit.backend import resolve_backend
+from fastchat_bigdl.lowbit.loader import UnsupportedModel, check_model_supported, load_low_bit_model
 from helpers import build_tiny_llama
 
 pytestmark = pytest.mark.backend

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from fastchat_bigdl.backend import resolve_backend
-from fastchat_bigdl.loader import load_low_bit_model
-from fastchat_bigdl.low_bit_cache import MANIFEST, LowBitCache
+from fastchat_bigdl.lowbit.backend import resolve_backend
+from fastchat_bigdl.lowbit.loader import load_low_bit_model
+from fastchat_bigdl.lowbit.weights_cache import MANIFEST, LowBitCache
 from helpers import build_tiny_llama
 
 pytestmark = pytest.mark.backend
@@ -95,8 +95,8 @@ def test_corrupt_entry_is_rebuilt_with_a_warning(model, tmp_path, mocker, caplog
 
 CONCURRENT = """
 import sys, torch
-from fastchat_bigdl.loader import load_low_bit_model
-from fastchat_bigdl.low_bit_cache import LowBitCache
+from fastchat_bigdl.lowbit.loader import load_low_bit_model
+from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 from pathlib import Path
 m, _ = load_low_bit_model(sys.argv[1], torch_dtype=torch.float32, cache=LowBitCache(Path(sys.argv[2])))
 with torch.inference_mode():
@@ -123,7 +123,7 @@ def test_two_workers_starting_at_once_do_not_corrupt_the_cache(model, tmp_path):
 
 
 def test_worker_flags_choose_or_disable_the_cache(tiny_llama, tmp_path):
-    from fastchat_bigdl.model_worker import BigDLModelWorker
+    from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 
     BigDLModelWorker("http://127.0.0.1:1", "http://127.0.0.1:2", "w", str(tiny_llama), None, 1,
                      no_register=True, low_bit_cache=str(tmp_path / "chosen"))

@@ -1,5 +1,5 @@
-from fastchat_bigdl.netenv import bypass_proxy_for_loopback
-from fastchat_bigdl.serve import Stack
+from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
+from fastchat_bigdl.stack.serve import Stack
 
 
 def test_loopback_is_merged_into_no_proxy_keeping_user_entries():

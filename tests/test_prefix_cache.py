@@ -4,9 +4,9 @@ import threading
 import pytest
 import torch
 
-from fastchat_bigdl.generation import generate_stream
-from fastchat_bigdl.kv_cache import PrefixCache, cache_length, cache_prefix, kv_layers
-from fastchat_bigdl.loader import load_low_bit_model
+from fastchat_bigdl.worker.generation import generate_stream
+from fastchat_bigdl.worker.prefix_cache import PrefixCache, cache_length, cache_prefix, kv_layers
+from fastchat_bigdl.lowbit.loader import load_low_bit_model
 
 pytestmark = pytest.mark.backend
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fastchat_bigdl.serve import free_port
+from fastchat_bigdl.stack.serve import free_port
 from helpers import chat, pids_alive, wait_for
 
 pytestmark = pytest.mark.slow
@@ -134,7 +134,7 @@ def test_api_keys_are_enforced_and_kept_out_of_logs_and_argv(tiny_llama, tmp_pat
 ])
 def test_binding_beyond_loopback_without_keys_warns(host, keys, warns):
     # checked without binding: tests only ever listen on loopback
-    from fastchat_bigdl.serve import exposure_warning
+    from fastchat_bigdl.stack.serve import exposure_warning
 
     warning = exposure_warning(host, keys)
     assert bool(warning) == warns

@@ -9,13 +9,13 @@ import dataclasses
 
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from fastchat_bigdl.chat_template import conversation_from_chat_template
-from fastchat_bigdl.generation import generate_stream
-from fastchat_bigdl.request_errors import Invalid
-from fastchat_bigdl.tool_calling.grammar import output_grammar
-from fastchat_bigdl.tool_calling.parse import StreamSplitter, parse_reply
-from fastchat_bigdl.tool_calling.prompt import render_generic, render_prompt
-from fastchat_bigdl.tool_calling.spec import Tool, tool_request, uses_tools_or_json
+from fastchat_bigdl.common.chat_template import conversation_from_chat_template
+from fastchat_bigdl.worker.generation import generate_stream
+from fastchat_bigdl.common.errors import Invalid
+from fastchat_bigdl.api.tool_calling.grammar import output_grammar
+from fastchat_bigdl.api.tool_calling.parse import StreamSplitter, parse_reply
+from fastchat_bigdl.api.tool_calling.prompt import render_generic, render_prompt
+from fastchat_bigdl.api.tool_calling.spec import Tool, tool_request, uses_tools_or_json
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 16},
@@ -166,7 +166,7 @@ def test_a_named_call_uses_that_tool(tiny, seed):
 
 
 def test_auto_leaves_the_model_free_to_answer_in_text(tiny):
-    from fastchat_bigdl.constrained import GrammarConstraint
+    from fastchat_bigdl.worker.grammar_constraint import GrammarConstraint
 
     model, tok = tiny
     out = generate(tiny, output_grammar(TOOLS, forced=False), seed=3, temperature=0, max_new_tokens=24)
@@ -179,7 +179,7 @@ def test_auto_leaves_the_model_free_to_answer_in_text(tiny):
 
 
 def test_auto_constrains_a_call_once_the_model_opens_one(tiny):
-    from fastchat_bigdl.constrained import GrammarConstraint
+    from fastchat_bigdl.worker.grammar_constraint import GrammarConstraint
 
     model, tok = tiny
     constraint = GrammarConstraint(tok, output_grammar(TOOLS, forced=False), model.config.vocab_size,
@@ -249,7 +249,7 @@ def test_a_json_schema_reply_always_validates(tiny, seed):
 
 
 def test_a_json_object_reply_starts_as_an_object(tiny):
-    from fastchat_bigdl.constrained import GrammarConstraint
+    from fastchat_bigdl.worker.grammar_constraint import GrammarConstraint
 
     model, tok = tiny
     constraint = GrammarConstraint(tok, output_grammar(reply={"type": "object"}), model.config.vocab_size,

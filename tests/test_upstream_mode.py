@@ -4,7 +4,7 @@ import pytest
 import requests
 import torch
 
-from fastchat_bigdl.serve import Stack, free_port
+from fastchat_bigdl.stack.serve import Stack, free_port
 from helpers import pids_alive
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_without_bigdl_load_the_upstream_worker_serves_fp32(tiny_llama, tmp_path
         stack.stop()
     assert pids_alive([c.proc.pid for c in stack.children]) == []
     worker_log = (tmp_path / "worker.out").read_text()
-    assert "fastchat_bigdl.loader" not in worker_log  # never went through the low-bit loader
+    assert "fastchat_bigdl.lowbit" not in worker_log  # never went through the low-bit loader
 
     # FastChat's fp32 greedy decode == transformers' fp32 greedy decode
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from fastchat_bigdl import model_worker
+from fastchat_bigdl.worker import arguments as worker_arguments
+from fastchat_bigdl.worker import main as worker_main
 
 WORKER = [sys.executable, "-m", "fastchat_bigdl.model_worker"]
 
@@ -23,7 +24,7 @@ def test_accepts_every_upstream_flag_plus_the_low_bit_ones():
     )
     upstream_flags = set(re.findall(r"(--[a-z0-9][a-z0-9_-]*)", upstream_help.stdout + upstream_help.stderr))
     assert {"--model-path", "--controller-address", "--limit-worker-concurrency", "--device"} <= upstream_flags
-    ours = option_strings(model_worker.build_parser())
+    ours = option_strings(worker_arguments.build_parser())
     assert upstream_flags <= ours
     assert {"--bigdl_load", "--low-bit", "--low-bit-backend", "--trust-remote-code"} <= ours
 
@@ -54,7 +55,7 @@ def test_bad_low_bit_is_an_argparse_error_listing_choices():
 def test_invalid_combinations_are_refused(args, message, mocker):
     error = mocker.patch("argparse.ArgumentParser.error", side_effect=SystemExit(2))
     with pytest.raises(SystemExit):
-        model_worker.main(args)
+        worker_main.main(args)
     assert message in error.call_args.args[0]
 
 
@@ -76,11 +77,11 @@ def test_xpu_without_intel_gpu_is_one_clear_error(tiny_llama):
     (["--no-low-bit-cache"], None),
 ])
 def test_low_bit_cache_flags_reach_the_worker(mocker, flags, expected):
-    from fastchat_bigdl.paths import low_bit_cache_dir
+    from fastchat_bigdl.common.paths import low_bit_cache_dir
 
-    worker = mocker.patch.object(model_worker, "BigDLModelWorker")
-    parser = model_worker.build_parser()
+    worker = mocker.patch.object(worker_main, "BigDLModelWorker")
+    parser = worker_arguments.build_parser()
     args = parser.parse_args(["--bigdl_load", "--device", "cpu", *flags])
-    model_worker.create_bigdl_worker(args)
+    worker_main.create_bigdl_worker(args)
     got = worker.call_args.kwargs["low_bit_cache"]
     assert got == (str(low_bit_cache_dir()) if expected == "default" else expected)

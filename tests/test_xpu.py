@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from fastchat_bigdl import devices
-from fastchat_bigdl.devices import DeviceUnavailable, place_model, prepare_device
+from fastchat_bigdl.lowbit import devices
+from fastchat_bigdl.lowbit.devices import DeviceUnavailable, place_model, prepare_device
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_worker_on_xpu_loads_low_bit_fp16_and_generates_on_xpu(fake_xpu, mocker,
     from transformers import AutoTokenizer
 
     import fastchat_bigdl
-    from fastchat_bigdl.model_worker import BigDLModelWorker
+    from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 
     model = mocker.MagicMock(name="low-bit model")
     model.config.max_position_embeddings = 256

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from fastchat_bigdl.paths import cache_dir
+from fastchat_bigdl.common.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

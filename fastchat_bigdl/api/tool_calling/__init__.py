@@ -7,5 +7,5 @@ FastChat's API server, with calls constrained to the tools' JSON schemas.
 - ``parse``: find the calls in generated text, whole or streamed;
 - ``route``: the chat completions handler for requests that use tools.
 
-The worker side (``fastchat_bigdl.constrained``) enforces the grammar while decoding.
+The worker side (``fastchat_bigdl.worker.grammar_constraint``) enforces the grammar while decoding.
 """

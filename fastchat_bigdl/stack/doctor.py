@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import fastchat_bigdl
 from autogen_local.endpoint import DEFAULT_TIMEOUT, resolve_base_url
-from fastchat_bigdl.backend import BackendError, installed_version, resolve_backend
+from fastchat_bigdl.lowbit.backend import BackendError, installed_version, resolve_backend
 
 # (low-bit library, version) -> the transformers release it is tested with here
 SUPPORTED = {("ipex-llm", "2.2.0"): "4.37.0", ("bigdl-llm", "2.4.0"): "4.31.0"}

@@ -17,12 +17,12 @@ from typing import Callable, List, Optional
 
 import requests
 
-from fastchat_bigdl.netenv import bypass_proxy_for_loopback
+from fastchat_bigdl.api import API_KEYS_ENV
+from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
 
 # The API server must not give up on a slow local decode before the client does.
 WORKER_API_TIMEOUT = 600
 STOP_GRACE_SECONDS = 10
-API_KEYS_ENV = "FASTCHAT_BIGDL_API_KEYS"
 PROGRESS_MARKERS = ("fastchat_bigdl", "Converting", "Traceback", "Error", "error:")
 
 
@@ -284,8 +284,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastchat_bigdl.demo_model import DemoModelMissing, ensure_demo_model
-    from fastchat_bigdl.paths import cache_dir
+    from fastchat_bigdl.stack.demo_model import DemoModelMissing, ensure_demo_model
+    from fastchat_bigdl.common.paths import cache_dir
 
     if args.model_path is None:
         try:

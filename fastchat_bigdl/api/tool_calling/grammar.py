@@ -20,9 +20,10 @@ invented keys until it runs out of tokens.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 from typing import Any, Dict, Iterable, List, Optional
+
+from fastchat_bigdl.common.grammar_check import grammar_problem
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -90,19 +91,6 @@ def output_grammar(tools: Iterable = (), forced: bool = False, reply: Optional[D
     if reply is not None and not forced:
         rules.append("reply: %json " + _styled(reply))
     return "%llguidance {}\n" + "\n".join(rules) + "\n"
-
-
-@functools.lru_cache(maxsize=256)  # a request's schemas are checked on arrival, then used
-def grammar_problem(grammar: str) -> Optional[str]:
-    """Why llguidance cannot compile ``grammar``, in one line (None when it can)."""
-    import llguidance
-
-    error = llguidance.LLMatcher.validate_grammar(grammar, None)
-    if not error:
-        return None
-    # llguidance reports "at L(C): <reason>" followed by the grammar; keep the reason.
-    first = error.strip().splitlines()[0]
-    return first.split(": ", 1)[-1] if first.startswith("at ") else first
 
 
 def check_enforceable(tool) -> Optional[str]:

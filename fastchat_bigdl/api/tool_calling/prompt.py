@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 
 from fastchat.conversation import Conversation, SeparatorStyle
 
-from fastchat_bigdl.tool_calling.grammar import CLOSE, OPEN
-from fastchat_bigdl.tool_calling.spec import ToolRequest
+from fastchat_bigdl.api.tool_calling.grammar import CLOSE, OPEN
+from fastchat_bigdl.api.tool_calling.spec import ToolRequest
 
 # Worded after the function-calling prompts small models are trained on (APIGen style):
 # a concrete example call works better for them than placeholders like <function-name>.
@@ -137,7 +137,7 @@ def _hf_message(message: Dict[str, Any]) -> Dict[str, Any]:
 
 def render_with_template(template: str, bos_token: str, eos_token: str, messages: List[Dict[str, Any]],
                          request: ToolRequest) -> str:
-    from fastchat_bigdl.chat_template import render
+    from fastchat_bigdl.common.chat_template import render
 
     tokens = SimpleNamespace(bos_token=bos_token, eos_token=eos_token)
     tools = [t.openai() for t in request.tools] if request.offered() else None

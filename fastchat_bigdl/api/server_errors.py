@@ -7,7 +7,7 @@ from typing import Optional
 
 from fastchat.constants import ErrorCode
 
-from fastchat_bigdl.request_errors import error_response
+from fastchat_bigdl.common.errors import error_response
 
 logger = logging.getLogger(__name__)
 

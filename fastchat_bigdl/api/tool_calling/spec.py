@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 
 from fastchat.constants import ErrorCode
 
-from fastchat_bigdl.tool_calling.grammar import check_enforceable, reply_schema, schema_problem
-from fastchat_bigdl.request_errors import Invalid
+from fastchat_bigdl.api.tool_calling.grammar import check_enforceable, reply_schema, schema_problem
+from fastchat_bigdl.common.errors import Invalid
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TOOLS = 128

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fastchat_bigdl.chat_template import tokenizer_chat_template
+from fastchat_bigdl.common.chat_template import tokenizer_chat_template
 
 
 def extra_worker_routes(worker) -> APIRouter:

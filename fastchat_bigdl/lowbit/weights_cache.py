@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import transformers
 
-from fastchat_bigdl.backend import LowBitBackend
+from fastchat_bigdl.lowbit.backend import LowBitBackend
 
 logger = logging.getLogger(__name__)
 

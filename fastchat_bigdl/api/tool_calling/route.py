@@ -24,12 +24,12 @@ from fastapi.responses import StreamingResponse
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
 from fastchat.serve import openai_api_server as upstream
 
-from fastchat_bigdl.request_errors import error_response
-from fastchat_bigdl.tool_calling.grammar import output_grammar
-from fastchat_bigdl.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
-from fastchat_bigdl.tool_calling.prompt import render_prompt
-from fastchat_bigdl.tool_calling.spec import ToolRequest, tool_request, uses_tools_or_json
-from fastchat_bigdl.validation import PARSED_BODY
+from fastchat_bigdl.common.errors import error_response
+from fastchat_bigdl.api.tool_calling.grammar import output_grammar
+from fastchat_bigdl.api.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
+from fastchat_bigdl.api.tool_calling.prompt import render_prompt
+from fastchat_bigdl.api.tool_calling.spec import ToolRequest, tool_request, uses_tools_or_json
+from fastchat_bigdl.common.validation import PARSED_BODY
 
 CHAT_PATH = "/v1/chat/completions"
 TOOLS_PATH = "/fastchat_bigdl/v1/chat/completions_with_tools"

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from fastchat_bigdl.bench import LLAMA_CPP, StackResult, agent_replay, decode_runs
+from fastchat_bigdl.bench.measure import StackResult, agent_replay, decode_runs
+from fastchat_bigdl.bench.settings import LLAMA_CPP
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_cpp_server.py")
 INSTALL_HINT = (

@@ -12,8 +12,8 @@ import transformers
 from packaging.version import Version
 from transformers import AutoTokenizer
 
-from fastchat_bigdl.backend import LowBitBackend, resolve_backend
-from fastchat_bigdl.low_bit_cache import LowBitCache
+from fastchat_bigdl.lowbit.backend import LowBitBackend, resolve_backend
+from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from fastchat_bigdl.generation import StopMatcher
-from fastchat_bigdl.tool_calling.grammar import CLOSE, OPEN
+from fastchat_bigdl.common.stop_strings import StopMatcher
+from fastchat_bigdl.api.tool_calling.grammar import CLOSE, OPEN
 
 
 def call_id() -> str:

@@ -1,0 +1,11 @@
+"""Everything that runs inside the OpenAI API server process: FastChat's API server with
+request checks (``request_checks``), clear errors for failures behind it
+(``server_errors``) and OpenAI tool calling / JSON replies (``tool_calling``), assembled
+in ``server``.
+
+May import: ``common``. Never imports ``worker``, ``lowbit``, ``stack`` or ``bench``
+(the API server loads no model).
+"""
+
+# API keys reach the API server by environment, so they stay out of argv and logs.
+API_KEYS_ENV = "FASTCHAT_BIGDL_API_KEYS"

@@ -1,0 +1,98 @@
+"""Checks of the OpenAI API server's requests (chat, completions, embeddings), run by
+``common.validation.ValidateRequests`` before FastChat's handlers see a request."""
+from __future__ import annotations
+
+import json
+
+from fastchat.constants import ErrorCode
+
+from fastchat_bigdl.api.tool_calling.spec import tool_request, uses_tools_or_json
+from fastchat_bigdl.common.errors import Invalid
+from fastchat_bigdl.common.validation import check_number, check_stop, is_number
+
+MAX_N = 8
+MAX_LOGIT_BIAS = 300
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function")
+
+
+def _check_common(data: dict) -> None:
+    if not isinstance(data.get("model"), str) or not data["model"]:
+        raise Invalid("'model' must be the name of a served model (see GET /v1/models)")
+    check_number(data, "max_tokens", integer=True, low=1, high=1 << 20)
+    check_number(data, "n", integer=True, low=1, high=MAX_N)
+    check_number(data, "temperature", low=0, high=2)
+    check_number(data, "top_p", low=0, high=1)
+    check_number(data, "top_k", integer=True)
+    check_number(data, "presence_penalty", low=-2, high=2)
+    check_number(data, "frequency_penalty", low=-2, high=2)
+    check_stop(data)
+    if "stream" in data and data["stream"] is not None and not isinstance(data["stream"], bool):
+        raise Invalid("'stream' must be true or false")
+    bias = data.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or not all(is_number(v) and -100 <= v <= 100 for v in bias.values()):
+            raise Invalid("'logit_bias' must map token ids to numbers between -100 and 100")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise Invalid(f"'logit_bias' may have at most {MAX_LOGIT_BIAS} entries", ErrorCode.PARAM_OUT_OF_RANGE)
+
+
+def _check_content(i: int, message: dict) -> None:
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if isinstance(content, list) and content:
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind == "image_url" and isinstance(part.get("image_url"), dict):
+                continue
+            raise Invalid(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}} "
+                          "or {'type': 'image_url', 'image_url': {...}}")
+        return
+    raise Invalid(f"messages[{i}].content must be a string (or a list of content parts), "
+                  f"not {json.dumps(content)[:40]}")
+
+
+def check_chat(data: dict) -> None:
+    _check_common(data)
+    messages = data.get("messages")
+    if isinstance(messages, str) and messages:
+        return  # FastChat's extension: a raw prompt
+    if not isinstance(messages, list) or not messages:
+        raise Invalid("'messages' must be a non-empty list of {'role', 'content'} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise Invalid(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise Invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, not {json.dumps(role)[:40]}")
+        calls = role == "assistant" and (message.get("tool_calls") or message.get("function_call"))
+        if calls and message.get("content") is None:
+            continue  # an assistant turn that only called tools
+        _check_content(i, message)
+    if uses_tools_or_json(data):
+        tool_request(data)
+
+
+def check_completion(data: dict) -> None:
+    _check_common(data)
+    prompt = data.get("prompt")
+    ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+    if not ok:
+        raise Invalid("'prompt' must be a string or a non-empty list of strings")
+    check_number(data, "logprobs", integer=True, low=0, high=5)
+
+
+def check_embeddings(data: dict) -> None:
+    value = data.get("input")
+    ok = isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+    if not ok:
+        raise Invalid("'input' must be a string or a non-empty list of strings")
+
+
+OPENAI_CHECKS = {
+    "/v1/chat/completions": check_chat,
+    "/v1/completions": check_completion,
+    "/v1/embeddings": check_embeddings,
+}

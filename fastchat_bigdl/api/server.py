@@ -1,0 +1,31 @@
+"""FastChat's OpenAI API server (same flags, routes and behaviour), with request validation
+in front of it so bad input gets a 4xx in FastChat's error schema instead of a 500 and a
+stack trace, clear errors for failures behind it, and OpenAI tool calling (``tools``,
+``tool_choice``, legacy ``functions``) with schema-constrained calls."""
+from __future__ import annotations
+
+import os
+
+import fastchat_bigdl  # noqa: F401  keeps proxies off loopback
+from fastchat.serve import openai_api_server as upstream
+
+from fastchat_bigdl.api import API_KEYS_ENV
+from fastchat_bigdl.api.request_checks import OPENAI_CHECKS
+from fastchat_bigdl.api.server_errors import ClearServerErrors
+from fastchat_bigdl.api.tool_calling.route import RouteToolRequests, router as tool_router
+from fastchat_bigdl.common.app_runner import run_app
+from fastchat_bigdl.common.validation import ValidateRequests
+
+app = upstream.app
+app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
+app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
+app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
+app.add_middleware(ClearServerErrors)
+
+
+def main() -> None:
+    args = upstream.create_openai_api_server()  # FastChat's parser and settings
+    keys = os.environ.get(API_KEYS_ENV)
+    if keys and not args.api_keys:  # given by environment so they stay out of argv and logs
+        upstream.app_settings.api_keys = [k for k in keys.split(",") if k]
+    run_app(app, args)

@@ -1,0 +1,139 @@
+"""``fastchat-bigdl bench``: this package's low-bit worker side by side with FastChat's
+stock worker on the same model, measured through the OpenAI API over real HTTP, and with
+``--against llama-cpp`` also llama.cpp on the demo model's GGUF (``bench.llama_cpp_peer``).
+
+Everything runs one after the other (never at once), the stacks as the same three
+FastChat processes ``serve`` starts, so the numbers compare like with like on a quiet
+machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from fastchat_bigdl.bench.measure import measure_bandwidth, measure_stack
+from fastchat_bigdl.bench.random_model import DEFAULT_SHAPE, QUICK_SHAPE, LlamaShape, build_random_llama
+from fastchat_bigdl.bench.report import compare, compare_with_peer, format_table, plot, summarize, targets
+from fastchat_bigdl.bench.settings import CONV_TEMPLATE, LLAMA_CPP, OURS, STOCK, BenchSettings, token_counter
+from fastchat_bigdl.common.paths import cache_dir
+
+
+def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=None) -> dict:
+    """``measure_peer``: how llama.cpp is measured (default: ``bench_llama_cpp.measure``)."""
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    shape = s.shape
+    if s.model_path:
+        model_path = s.model_path.rstrip("/")
+    else:
+        name = f"bench-llama-{shape.params // 1_000_000}m"
+        progress(f"building the benchmark model {name} ({shape.params / 1e6:.0f} M params, random weights) ...")
+        model_path = str(build_random_llama(cache_dir() / "bench-models" / name, shape))
+    model_name = os.path.basename(model_path)
+    count = token_counter(s, model_path)
+    progress("measuring memory bandwidth ...")
+    bandwidth = measure_bandwidth()
+    progress(f"  {bandwidth:.1f} GB/s")
+    results = {
+        OURS: measure_stack(s, model_path, model_name, s.low_bit, starts=2, count=count, progress=progress),
+        STOCK: measure_stack(s, model_path, model_name, None, starts=1, count=count, progress=progress),
+    }
+    if "llama-cpp" in s.against:
+        from fastchat_bigdl.bench import llama_cpp_peer as bench_llama_cpp
+
+        results[LLAMA_CPP] = (measure_peer or bench_llama_cpp.measure)(s, s.gguf_path, progress)
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "bandwidth_gbs": bandwidth},
+        "model": {"name": model_name, "path": model_path, "shape": asdict(shape), "params": shape.params},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items() if k != "shape"},
+        "stacks": {label: summarize(r, shape, bandwidth) for label, r in results.items()},
+    }
+    report["ratios"] = compare(report["stacks"][OURS], report["stacks"][STOCK])
+    if LLAMA_CPP in report["stacks"]:
+        report["vs_llama_cpp"] = compare_with_peer(report["stacks"][OURS], report["stacks"][LLAMA_CPP])
+        report["llama_cpp"] = {"version": bench_llama_cpp.llama_cpp_version(), "gguf": s.gguf_path}
+    report["targets"] = targets(report)
+    (s.out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(report, s.out_dir / "bench.png")
+    return report
+
+
+def shape_of_model(model_path: str) -> LlamaShape:
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    return LlamaShape(config["hidden_size"], config["num_hidden_layers"], heads,
+                      config.get("num_key_value_heads", heads), config["intermediate_size"],
+                      config["vocab_size"], config.get("max_position_embeddings", 2048),
+                      tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default=None,
+                        help="A Llama-architecture checkpoint (default: a ~374 M random Llama built locally)")
+    parser.add_argument("--low-bit", default="sym_int4")
+    parser.add_argument("--quick", action="store_true", help="A small model and short runs (well under a minute)")
+    parser.add_argument("--turns", type=int, default=None, help="Agent replay turns (default 10; --quick 3)")
+    parser.add_argument("--out", default="bench-results", help="Directory for bench.json, bench.png and logs")
+    parser.add_argument("--against", choices=["llama-cpp"], action="append", default=[],
+                        help="Also measure llama.cpp (llama-cpp-python) on the same model: by default the demo "
+                             "model's own GGUF against this package serving the checkpoint converted from it")
+    parser.add_argument("--gguf", default=None,
+                        help="The GGUF llama.cpp runs (default with --against llama-cpp: the demo model's); "
+                             "--model-path must then be the same model as a Hugging Face checkpoint")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    quick = args.quick
+    model_path, gguf, against = args.model_path, args.gguf, tuple(args.against)
+    if "llama-cpp" in against and not gguf:
+        if model_path:
+            raise SystemExit("fastchat-bigdl bench: --against llama-cpp with --model-path needs --gguf "
+                             "(the same model as a GGUF)")
+        from fastchat_bigdl.stack.demo_model import demo_gguf_path, ensure_demo_model
+
+        gguf, model_path = str(demo_gguf_path()), str(ensure_demo_model())
+    real_model = bool(model_path)
+    shape = shape_of_model(model_path) if model_path else (QUICK_SHAPE if quick else DEFAULT_SHAPE)
+    return BenchSettings(
+        shape=shape, model_path=model_path, low_bit=args.low_bit,
+        prompt_tokens=32 if quick else 128, max_tokens=16 if quick else 64, repeats=1 if quick else 3,
+        turns=args.turns or (3 if quick else 10), turn_tokens=16 if quick else 48,
+        turn_max_tokens=8 if quick else 32, out_dir=Path(args.out),
+        # A real model answers best in its own template (llama.cpp uses the GGUF's, too).
+        conv_template=None if real_model else CONV_TEMPLATE,
+        prompt_style="english" if real_model else "words",
+        against=against, gguf_path=gguf,
+    )
+
+
+def main_args(args: argparse.Namespace) -> int:
+    s = settings_from_args(args)
+    peers = f" and {LLAMA_CPP} ({os.path.basename(s.gguf_path)})" if s.against else ""
+    print(f"fastchat-bigdl bench: {OURS} ({s.low_bit}) vs {STOCK} (fp32){peers}, results in {s.out_dir}", flush=True)
+    if s.against:
+        from fastchat_bigdl.bench.llama_cpp_peer import INSTALL_HINT, llama_cpp_version
+
+        if llama_cpp_version() is None:
+            print(f"fastchat-bigdl bench: --against llama-cpp needs llama-cpp-python: {INSTALL_HINT}", file=sys.stderr)
+            return 2
+    report = run(s, progress=lambda line: print(line, flush=True))
+    print()
+    print(format_table(report))
+    print(f"\nwrote {s.out_dir / 'bench.json'} and {s.out_dir / 'bench.png'}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastchat-bigdl bench", description=__doc__)
+    add_bench_args(parser)
+    return main_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Timing one stack: start it (through ``serve``'s ``Stack``), stream chat completions over
+HTTP, and record time to first token, decode speed, the agent replay and memory."""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import requests
+
+from fastchat_bigdl.bench.settings import OURS, STOCK, SYSTEM, BenchSettings, prompt
+from fastchat_bigdl.stack.serve import Stack, free_port
+
+
+@dataclass
+class StackResult:
+    label: str
+    low_bit: Optional[str]
+    starts_s: List[float] = field(default_factory=list)
+    load_s: List[float] = field(default_factory=list)
+    decode: List[dict] = field(default_factory=list)
+    replay: List[dict] = field(default_factory=list)
+    peak_rss_mb: Optional[float] = None
+
+
+def measure_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Memory copy bandwidth in GB/s (bytes read + written), best of ``repeats``."""
+    import numpy as np
+
+    src = np.ones(mb * (1 << 20) // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def stream_chat(base_url: str, model: str, messages: List[dict], max_tokens: int) -> Tuple[float, float, str]:
+    """(time to first token, total time, text) of one streamed chat completion."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    started = time.perf_counter()
+    first, text = None, ""
+    with requests.post(base_url + "/chat/completions", json=body, stream=True, timeout=1800) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error_code" in chunk:
+                raise RuntimeError(f"the server answered an error: {chunk}")
+            delta = chunk["choices"][0]["delta"].get("content")
+            if delta:
+                first = first or time.perf_counter()
+                text += delta
+    ended = time.perf_counter()
+    return (first or ended) - started, ended - started, text
+
+
+def peak_rss_mb(pid: int) -> Optional[float]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def worker_load_seconds(log: str) -> Optional[float]:
+    match = re.findall(r"(?:Converted|Loaded cached) .* in ([0-9.]+) s", log)
+    return float(match[-1]) if match else None
+
+
+Chat = Callable[[List[dict], int], Tuple[float, float, str]]  # (messages, max_tokens) -> ttft, total, text
+
+
+def decode_runs(s: BenchSettings, chat: Chat, count: Callable[[str], int], progress) -> List[dict]:
+    runs = []
+    for i in range(s.repeats):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt(s, s.prompt_tokens, 1000 + i)}]
+        ttft, total, text = chat(messages, s.max_tokens)
+        tokens = count(text)
+        runs.append({"ttft_s": ttft, "total_s": total, "tokens": tokens,
+                     "tok_s": (tokens - 1) / (total - ttft) if tokens > 1 and total > ttft else None})
+        progress(f"    decode run {i + 1}/{s.repeats}: {tokens} tokens, "
+                 f"ttft {ttft * 1000:.0f} ms, {runs[-1]['tok_s'] or 0:.1f} tok/s")
+    return runs
+
+
+def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], progress) -> List[dict]:
+    """A two-agent chat replayed the way AutoGen sends it: the whole history every turn."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt(s, s.prompt_tokens, 1)}]
+    turns = []
+    for turn in range(1, s.turns + 1):
+        history_tokens = sum(count(m["content"]) for m in messages)
+        ttft, total, text = chat(messages, s.turn_max_tokens)
+        turns.append({"turn": turn, "history_tokens": history_tokens, "ttft_s": ttft, "latency_s": total,
+                      "tokens": count(text)})
+        progress(f"    replay turn {turn}/{s.turns}: history {history_tokens} tokens, ttft {ttft * 1000:.0f} ms")
+        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "user", "content": prompt(s, s.turn_tokens, 100 + turn)})
+    return turns
+
+
+def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: Optional[str], starts: int,
+                  count: Callable[[str], int], progress: Callable[[str], None]) -> StackResult:
+    label = OURS if low_bit else STOCK
+    result = StackResult(label, low_bit)
+    low_bit_cache = s.out_dir / "low-bit-cache"
+    for start in range(starts):
+        worker_args = ["--stream-interval", "1"]
+        if s.conv_template:
+            worker_args += ["--conv-template", s.conv_template]
+        if low_bit:
+            worker_args += ["--low-bit-cache", str(low_bit_cache)]
+        stack = Stack(model_path=model_path, model_name=model_name, port=free_port(), low_bit=low_bit,
+                      log_dir=s.out_dir / "logs" / f"{label}-{start + 1}", worker_args=worker_args)
+        what = "converting" if low_bit and start == 0 else ("cached" if low_bit else "fp32")
+        progress(f"  {label}: start {start + 1}/{starts} ({what}) ...")
+        began = time.perf_counter()
+        stack.start()
+        try:
+            stack.wait_ready(s.ready_timeout, progress=lambda line: None)
+            result.starts_s.append(time.perf_counter() - began)
+            load = worker_load_seconds(stack.child("worker").log_path.read_text(errors="replace"))
+            if load is not None:
+                result.load_s.append(load)
+            progress(f"    ready in {result.starts_s[-1]:.1f} s")
+            if start == starts - 1:
+                stream_chat(stack.base_url, model_name, [{"role": "user", "content": "w5 w6"}], 2)  # warm-up
+                chat = functools.partial(stream_chat, stack.base_url, model_name)
+                result.decode = decode_runs(s, chat, count, progress)
+                result.replay = agent_replay(s, chat, count, progress)
+                result.peak_rss_mb = peak_rss_mb(stack.child("worker").proc.pid)
+        finally:
+            stack.stop()
+    return result

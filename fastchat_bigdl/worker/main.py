@@ -1,0 +1,93 @@
+"""``python -m fastchat_bigdl.model_worker``: FastChat's model worker plus ``--bigdl_load``.
+
+Every flag of ``fastchat.serve.model_worker`` is accepted (its own parser is reused),
+plus the low-bit flags (``arguments``). Without ``--bigdl_load`` the upstream worker
+runs unchanged; with it, ``BigDLModelWorker`` serves a model loaded through ipex-llm /
+bigdl-llm, behind request checks and bounded queueing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import sys
+import warnings
+from typing import List, Optional
+
+from fastchat.serve import model_worker as upstream
+from fastchat.serve.base_model_worker import app
+
+from fastchat_bigdl.common.app_runner import run_app
+from fastchat_bigdl.common.paths import low_bit_cache_dir
+from fastchat_bigdl.common.validation import ValidateRequests
+from fastchat_bigdl.lowbit.backend import BackendError
+from fastchat_bigdl.lowbit.devices import DeviceUnavailable, use_physical_cores
+from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT, UnsupportedModel
+from fastchat_bigdl.worker.admission import AdmissionControl
+from fastchat_bigdl.worker.arguments import build_parser, own_options_given, validate_bigdl_args
+from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
+from fastchat_bigdl.worker.request_checks import WORKER_CHECKS
+from fastchat_bigdl.worker.routes import extra_worker_routes
+
+logger = logging.getLogger("fastchat_bigdl.model_worker")
+
+
+def run_upstream(argv: List[str]) -> None:
+    """Run fastchat.serve.model_worker exactly as ``python -m`` would."""
+    sys.argv = ["fastchat.serve.model_worker", *argv]
+    with warnings.catch_warnings():
+        # It was imported to read its parser; running it as __main__ is still intended.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runpy.run_module("fastchat.serve.model_worker", run_name="__main__", alter_sys=True)
+
+
+def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
+    return BigDLModelWorker(
+        args.controller_address,
+        args.worker_address,
+        upstream.worker_id,
+        args.model_path,
+        args.model_names,
+        args.limit_worker_concurrency,
+        no_register=args.no_register,
+        device=args.device,
+        low_bit=args.low_bit or DEFAULT_LOW_BIT,
+        low_bit_backend=args.low_bit_backend,
+        trust_remote_code=args.trust_remote_code,
+        optimize_model=False if args.no_optimize_model else None,
+        low_bit_cache=None if args.no_low_bit_cache else (args.low_bit_cache or str(low_bit_cache_dir())),
+        prefix_cache_mb=args.prefix_cache_mb,
+        revision=args.revision,
+        conv_template=args.conv_template,
+        stream_interval=args.stream_interval,
+        embed_in_truncate=args.embed_in_truncate,
+        seed=args.seed,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Upstream defaults --device to cuda; in low-bit mode an unset device means cpu.
+    parser = build_parser()
+    parser.set_defaults(device=None)
+    args = parser.parse_args(argv)
+    if not args.bigdl_load:
+        given = own_options_given(argv)
+        if given:
+            parser.error(f"{', '.join(given)} only applies with --bigdl_load")
+        return run_upstream(argv)
+
+    args.device = args.device or "cpu"
+    validate_bigdl_args(parser, args)
+    use_physical_cores()
+    try:
+        worker = create_bigdl_worker(args)
+    except (BackendError, DeviceUnavailable, UnsupportedModel, ValueError, OSError) as exc:
+        logger.error("cannot start the worker: %s", exc)
+        print(f"{parser.prog}: error: {exc}", file=sys.__stderr__, flush=True)
+        sys.exit(2)
+    worker.register_when_listening(args.host, args.port)
+    app.include_router(extra_worker_routes(worker))
+    app.add_middleware(ValidateRequests, checks=WORKER_CHECKS)
+    app.add_middleware(AdmissionControl, worker=worker, max_queued=args.max_queued_requests)
+    run_app(app, args)
