@@ -13,7 +13,10 @@ __version__ = "0.1.0"
 # Before anything creates an HTTP client: a proxy must never see loopback traffic.
 bypass_proxy_for_loopback()
 
-from fastchat_bigdl.adapter import BigDLLLMAdapter, register  # noqa: E402
+from fastchat_bigdl.common.logs import fastchat_imported_without_log_files  # noqa: E402
+
+with fastchat_imported_without_log_files():  # importing this package writes no file
+    from fastchat_bigdl.adapter import BigDLLLMAdapter, register  # noqa: E402
 
 bigdl_adapter = register()
 

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 READY = "fastchat-bigdl ready: "
 
 
-def start_serve(model_path, port, log_dir, *extra, ignore_sigint=False):
+def start_serve(model_path, port, log_dir, *extra, ignore_sigint=False, cwd=None):
     # A shell starts background jobs (`serve &`) with SIGINT ignored.
     preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen(
         [sys.executable, "-m", "fastchat_bigdl", "serve", "--model-path", str(model_path),
          "--port", str(port), "--log-dir", str(log_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec, cwd=cwd,
     )
 
 
@@ -48,7 +48,8 @@ def child_pids(pid):
                          ids=["ctrl-c", "sigterm", "sigint-to-background-job"])
 def test_serve_starts_answers_and_stops_without_orphans(tiny_llama, tmp_path, sig, background):
     port = free_port()
-    proc = start_serve(tiny_llama, port, tmp_path / "logs", ignore_sigint=background)
+    (tmp_path / "cwd").mkdir()
+    proc = start_serve(tiny_llama, port, tmp_path / "logs", ignore_sigint=background, cwd=tmp_path / "cwd")
     try:
         ready, lines = read_until_ready(proc)
         assert f"http://127.0.0.1:{port}/v1" in ready and "model=Llama-2-7b-chat-hf" in ready
@@ -61,6 +62,13 @@ def test_serve_starts_answers_and_stops_without_orphans(tiny_llama, tmp_path, si
         assert proc.wait(60) == 0
         assert "stopped" in proc.stdout.read()
         assert pids_alive(children) == []
+        # FastChat's per-process log files land in the log dir, none in the working dir.
+        logs = {p.name for p in (tmp_path / "logs").iterdir()}
+        assert {"controller.log", "openai_api_server.log"} <= logs and any(
+            n.startswith("model_worker_") and n.endswith(".log") for n in logs), logs
+        assert list((tmp_path / "cwd").iterdir()) == []
+        worker_out = (tmp_path / "logs" / "worker.out").read_text()
+        assert "TOKENIZERS_PARALLELISM" not in worker_out and " | INFO | stdout | usage" not in worker_out
     finally:
         proc.kill()
 

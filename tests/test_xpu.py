@@ -7,6 +7,7 @@ import torch
 
 from fastchat_bigdl.lowbit import devices
 from fastchat_bigdl.lowbit.devices import DeviceUnavailable, place_model, prepare_device
+from fastchat_bigdl.lowbit.formats import load_dtype
 
 
 @pytest.fixture
@@ -51,7 +52,8 @@ def test_xpu_model_goes_to_xpu_in_fp16_and_cache_is_emptied(fake_xpu, mocker):
     model.half.return_value.to.assert_called_once_with("xpu")
     assert placed is model.half.return_value.to.return_value
     fake_xpu.empty_cache.assert_called()
-    assert devices.load_dtype("xpu") is torch.float16 and devices.load_dtype("cpu") is torch.float32
+    assert load_dtype("xpu", "sym_int4") is torch.float16 and load_dtype("cpu", "sym_int4") is torch.float32
+    assert load_dtype("cpu", "bf16") is torch.bfloat16  # its linears need bf16 inputs
 
 
 def test_worker_on_xpu_loads_low_bit_fp16_and_generates_on_xpu(fake_xpu, mocker, tiny_llama):

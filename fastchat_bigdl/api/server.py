@@ -14,6 +14,7 @@ from fastchat_bigdl.api.request_checks import OPENAI_CHECKS
 from fastchat_bigdl.api.server_errors import ClearServerErrors
 from fastchat_bigdl.api.tool_calling.route import RouteToolRequests, router as tool_router
 from fastchat_bigdl.common.app_runner import run_app
+from fastchat_bigdl.common.logs import log_to_file, plain_console
 from fastchat_bigdl.common.validation import ValidateRequests
 
 app = upstream.app
@@ -24,7 +25,9 @@ app.add_middleware(ClearServerErrors)
 
 
 def main() -> None:
-    args = upstream.create_openai_api_server()  # FastChat's parser and settings
+    with plain_console():
+        args = upstream.create_openai_api_server()  # FastChat's parser and settings
+    log_to_file("openai_api_server.log")
     keys = os.environ.get(API_KEYS_ENV)
     if keys and not args.api_keys:  # given by environment so they stay out of argv and logs
         upstream.app_settings.api_keys = [k for k in keys.split(",") if k]

@@ -27,6 +27,8 @@ from fastchat_bigdl.common.paths import cache_dir
 def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=None) -> dict:
     """``measure_peer``: how llama.cpp is measured (default: ``bench_llama_cpp.measure``)."""
     s.out_dir.mkdir(parents=True, exist_ok=True)
+    # This process tokenizes, then starts stacks: without this, a fork warning per start.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shape = s.shape
     if s.model_path:
         model_path = s.model_path.rstrip("/")

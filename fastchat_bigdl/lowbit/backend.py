@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -46,7 +47,10 @@ class LowBitBackend:
     version: str
 
     def _import(self, submodule: str) -> ModuleType:
-        return importlib.import_module(f"{self.module_name}.{submodule}")
+        with warnings.catch_warnings():
+            # The library imports transformers.deepspeed, deprecated since 4.37: noise on every start.
+            warnings.simplefilter("ignore", FutureWarning)
+            return importlib.import_module(f"{self.module_name}.{submodule}")
 
     @property
     def qtypes(self) -> Dict[str, int]:

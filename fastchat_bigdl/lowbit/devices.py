@@ -54,11 +54,6 @@ def use_physical_cores() -> int:
     return cores
 
 
-def load_dtype(device: str) -> torch.dtype:
-    """dtype for the layers the library leaves unquantised (norms, embeddings)."""
-    return torch.float16 if device == "xpu" else torch.float32
-
-
 def place_model(model, device: str):
     """Move a converted model to its device (fp16 on Intel GPU)."""
     if device == "xpu":

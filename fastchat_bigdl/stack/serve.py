@@ -154,6 +154,8 @@ class Stack:
         env.setdefault("FASTCHAT_WORKER_API_TIMEOUT", str(WORKER_API_TIMEOUT))
         env["LOGDIR"] = str(self.log_dir)
         env["PYTHONUNBUFFERED"] = "1"
+        # A process that used a fast tokenizer and then forks would warn in every log.
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         if self.api_keys:  # by environment: FastChat logs its argv, keys must not land in logs
             env[API_KEYS_ENV] = self.api_keys
         return env
@@ -265,12 +267,22 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def low_bit_help() -> str:
+    from fastchat_bigdl.lowbit.backend import BackendError, resolve_backend
+    from fastchat_bigdl.lowbit.formats import formats_help
+
+    try:
+        return f"Low-bit weight format (default sym_int4). Formats that run: {formats_help(resolve_backend())}"
+    except BackendError:
+        return "Low-bit weight format (default sym_int4)"
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None,
                         help="Hugging Face checkpoint dir (default: the embedded SmolLM2-135M-Instruct demo)")
     parser.add_argument("--model-name", default=None, help="Name served in the API (default: the dir name)")
     parser.add_argument("--device", choices=["cpu", "xpu"], default="cpu")
-    parser.add_argument("--low-bit", default="sym_int4", help="Low-bit weight format (default sym_int4)")
+    parser.add_argument("--low-bit", default="sym_int4", metavar="FORMAT", help=low_bit_help())
     parser.add_argument("--host", default="127.0.0.1",
                         help="API server host (default 127.0.0.1; controller and worker always bind 127.0.0.1)")
     parser.add_argument("--api-keys", default=os.environ.get(API_KEYS_ENV),
@@ -283,10 +295,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-timeout", type=float, default=900, help="Seconds to wait for the model")
 
 
-def run(args: argparse.Namespace) -> int:
-    from fastchat_bigdl.stack.demo_model import DemoModelMissing, ensure_demo_model
-    from fastchat_bigdl.common.paths import cache_dir
+def check_low_bit(device: str, low_bit: str) -> None:
+    """Refuse a format the device cannot run before anything starts (the worker would
+    convert the model, report ready, then fail every request)."""
+    from fastchat_bigdl.lowbit.backend import resolve_backend
+    from fastchat_bigdl.lowbit.formats import check_format
 
+    check_format(resolve_backend(), device, low_bit)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastchat_bigdl.common.paths import cache_dir
+    from fastchat_bigdl.lowbit.backend import BackendError
+    from fastchat_bigdl.lowbit.formats import UnsupportedFormat
+    from fastchat_bigdl.stack.demo_model import DemoModelMissing, ensure_demo_model
+
+    try:
+        check_low_bit(args.device, args.low_bit)
+    except (BackendError, UnsupportedFormat) as exc:
+        print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr)
+        return 2
     if args.model_path is None:
         try:
             print("fastchat-bigdl: preparing the demo model (converted once, then cached) ...", flush=True)

@@ -11,6 +11,7 @@ from fastchat.serve import model_worker as upstream
 from fastchat_bigdl.common.paths import low_bit_cache_dir
 from fastchat_bigdl.lowbit.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve_backend
 from fastchat_bigdl.lowbit.devices import SUPPORTED_DEVICES
+from fastchat_bigdl.lowbit.formats import UnsupportedFormat, check_format, formats_help
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 
 DEFAULT_PREFIX_CACHE_MB = 1024
@@ -56,6 +57,14 @@ def low_bit_choices() -> Optional[List[str]]:
         return None  # reported when --bigdl_load is used
 
 
+def low_bit_help() -> str:
+    try:
+        per_device = f" Formats that run: {formats_help(resolve_backend())}."
+    except BackendError:
+        per_device = ""
+    return f"Low-bit weight format (default {DEFAULT_LOW_BIT}).{per_device}"
+
+
 def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("fastchat-bigdl low-bit loading")
     group.add_argument(
@@ -69,7 +78,8 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--low-bit",
         default=None,
         choices=low_bit_choices(),
-        help=f"Low-bit weight format (default {DEFAULT_LOW_BIT}).",
+        metavar="FORMAT",
+        help=low_bit_help(),
     )
     group.add_argument(
         "--low-bit-backend",
@@ -147,3 +157,7 @@ def validate_bigdl_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("GPTQ/AWQ checkpoints cannot be combined with --bigdl_load")
     if args.num_gpus != 1:
         parser.error("--bigdl_load serves on one device; start one worker per GPU instead")
+    try:  # before anything is converted: a format the device cannot run fails every request
+        check_format(resolve_backend(args.low_bit_backend), args.device, args.low_bit or DEFAULT_LOW_BIT)
+    except (BackendError, UnsupportedFormat) as exc:
+        parser.error(str(exc))

@@ -23,7 +23,8 @@ from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for
 from fastchat_bigdl.lowbit.backend import resolve_backend
-from fastchat_bigdl.lowbit.devices import empty_cache, load_dtype, place_model, prepare_device
+from fastchat_bigdl.lowbit.devices import empty_cache, place_model, prepare_device
+from fastchat_bigdl.lowbit.formats import load_dtype
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
@@ -31,6 +32,33 @@ from fastchat_bigdl.worker.generation import generate_stream
 from fastchat_bigdl.worker.prefix_cache import PrefixCache
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
+
+
+class GenerationFailed(Exception):
+    """Deliberately not a RuntimeError/ValueError: upstream's gate would answer those
+    with FastChat's "NETWORK ERROR DUE TO HIGH TRAFFIC" text, which blames the network."""
+
+
+def report_failures(stream_func):
+    """Wrap a generate_stream function: any failure is logged with its traceback here and
+    re-raised as GenerationFailed carrying its cause in one line (out-of-memory passes
+    through to its own handling)."""
+
+    @functools.wraps(stream_func)
+    def reporting(*args, **kwargs):
+        try:
+            yield from stream_func(*args, **kwargs)
+            return
+        except DeviceOutOfMemory:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the client, logged in full here
+            logger.exception("generation failed; the worker keeps serving")
+            lines = str(exc).strip().splitlines()
+            cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        # Raised outside the except block, so no traceback keeps the failed request's KV cache.
+        raise GenerationFailed(cause)
+
+    return reporting
 
 
 class BigDLModelWorker(upstream.ModelWorker):
@@ -75,7 +103,7 @@ class BigDLModelWorker(upstream.ModelWorker):
             model_path,
             {
                 "low_bit": low_bit,
-                "torch_dtype": load_dtype(device),
+                "torch_dtype": load_dtype(device, low_bit),
                 "revision": revision,
                 "trust_remote_code": trust_remote_code,
                 "optimize_model": optimize_model,
@@ -94,7 +122,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
             stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache,
                                             model_lock=threading.Lock())
-        self.generate_stream_func = guard_out_of_memory(stream_func)
+        self.generate_stream_func = report_failures(guard_out_of_memory(stream_func))
         self.stream_interval = stream_interval
         self.embed_in_truncate = embed_in_truncate
         self.seed = seed
@@ -110,6 +138,11 @@ class BigDLModelWorker(upstream.ModelWorker):
     def generate_stream_gate(self, params):
         try:
             yield from super().generate_stream_gate(params)
+            return
+        except GenerationFailed as exc:
+            ret = {"text": f"generation failed ({exc}); the worker keeps serving and its log has the details",
+                   "error_code": ErrorCode.INTERNAL_ERROR}
+            yield json.dumps(ret).encode() + b"\0"
             return
         except DeviceOutOfMemory as exc:
             error = str(exc)

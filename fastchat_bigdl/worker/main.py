@@ -18,6 +18,7 @@ from fastchat.serve import model_worker as upstream
 from fastchat.serve.base_model_worker import app
 
 from fastchat_bigdl.common.app_runner import run_app
+from fastchat_bigdl.common.logs import log_to_file, plain_console
 from fastchat_bigdl.common.paths import low_bit_cache_dir
 from fastchat_bigdl.common.validation import ValidateRequests
 from fastchat_bigdl.lowbit.backend import BackendError
@@ -70,15 +71,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Upstream defaults --device to cuda; in low-bit mode an unset device means cpu.
     parser = build_parser()
     parser.set_defaults(device=None)
-    args = parser.parse_args(argv)
-    if not args.bigdl_load:
-        given = own_options_given(argv)
+    with plain_console():
+        args = parser.parse_args(argv)
+        given = [] if args.bigdl_load else own_options_given(argv)
         if given:
             parser.error(f"{', '.join(given)} only applies with --bigdl_load")
+        if args.bigdl_load:
+            args.device = args.device or "cpu"
+            validate_bigdl_args(parser, args)
+    log_to_file(f"model_worker_{upstream.worker_id}.log")
+    if not args.bigdl_load:
         return run_upstream(argv)
 
-    args.device = args.device or "cpu"
-    validate_bigdl_args(parser, args)
     use_physical_cores()
     try:
         worker = create_bigdl_worker(args)
