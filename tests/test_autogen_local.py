@@ -47,7 +47,25 @@ BASE = "http://127.0.0.1:8000/v1"
 
 def test_legacy_shape():
     cfg = autogen_local.config("m", BASE, wait=False, flavor=LEGACY)
-    assert cfg == {"config_list": [{"model": "m", "api_base": BASE, "api_key": "EMPTY"}], "request_timeout": 600}
+    assert cfg == {"config_list": [{"model": "m", "api_base": BASE, "api_key": "EMPTY"}], "request_timeout": 600,
+                   "max_tokens": 512}
+
+
+@pytest.mark.parametrize("flavor", [LEGACY, CLASSIC, AGENTCHAT])
+def test_replies_are_capped_by_default_and_the_cap_can_be_changed_or_lifted(flavor):
+    assert autogen_local.config("m", BASE, wait=False, flavor=flavor)["max_tokens"] == 512
+    assert autogen_local.config("m", BASE, wait=False, flavor=flavor, max_tokens=64)["max_tokens"] == 64
+    assert "max_tokens" not in autogen_local.config("m", BASE, wait=False, flavor=flavor, max_tokens=None)
+
+
+def test_classic_client_sends_the_cap_to_the_server(recording_server):
+    from autogen import OpenAIWrapper
+
+    url, bodies = recording_server
+    for cap, expected in ((512, 512), (None, None)):
+        cfg = autogen_local.config("m", url, wait=False, flavor=CLASSIC, **({} if cap else {"max_tokens": None}))
+        OpenAIWrapper(**cfg).create(messages=[{"role": "user", "content": "hi"}])
+        assert bodies[-1].get("max_tokens") == expected
 
 
 def test_classic_shape(monkeypatch):
@@ -110,6 +128,33 @@ def models_server():
     server = HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/v1", listed
+    server.shutdown()
+
+
+@pytest.fixture
+def recording_server():
+    """A stand-in chat completions endpoint that records each request body."""
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": "ok"}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", bodies
     server.shutdown()
 
 

@@ -96,3 +96,15 @@ OPENAI_CHECKS = {
     "/v1/completions": check_completion,
     "/v1/embeddings": check_embeddings,
 }
+
+
+def chat_defaults(default_max_tokens: int):
+    """What a chat request without ``max_tokens`` gets (``default_max_tokens`` 0: nothing,
+    so FastChat fills the rest of the context)."""
+
+    def fill(data: dict) -> dict:
+        if default_max_tokens > 0 and data.get("max_tokens") is None:
+            return {**data, "max_tokens": default_max_tokens}
+        return data
+
+    return fill

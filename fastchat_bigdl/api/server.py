@@ -9,18 +9,33 @@ import os
 import fastchat_bigdl  # noqa: F401  keeps proxies off loopback
 from fastchat.serve import openai_api_server as upstream
 
-from fastchat_bigdl.api import API_KEYS_ENV
-from fastchat_bigdl.api.request_checks import OPENAI_CHECKS
+from fastchat_bigdl.api import API_KEYS_ENV, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_ENV
+from fastchat_bigdl.api.request_checks import OPENAI_CHECKS, chat_defaults
 from fastchat_bigdl.api.server_errors import ClearServerErrors
 from fastchat_bigdl.api.tool_calling.route import RouteToolRequests, router as tool_router
 from fastchat_bigdl.common.app_runner import run_app
 from fastchat_bigdl.common.logs import log_to_file, plain_console
 from fastchat_bigdl.common.validation import ValidateRequests
 
+
+
+def default_max_tokens() -> int:
+    value = os.environ.get(DEFAULT_MAX_TOKENS_ENV, str(DEFAULT_MAX_TOKENS))
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = -1
+    if tokens < 0:
+        raise SystemExit(f"fastchat_bigdl.openai_api_server: error: ${DEFAULT_MAX_TOKENS_ENV} must be a "
+                         f"whole number of tokens (0: no cap), not {value!r}")
+    return tokens
+
+
 app = upstream.app
 app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
 app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
-app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS)
+app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS,
+                   defaults={"/v1/chat/completions": chat_defaults(default_max_tokens())})
 app.add_middleware(ClearServerErrors)
 
 

@@ -8,7 +8,9 @@ worker), and a malformed or hostile request gets HTTP 4xx in FastChat's error sc
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
+
+import anyio
 
 from fastchat.constants import ErrorCode
 
@@ -18,6 +20,7 @@ from fastchat_bigdl.common.errors import Invalid, error_response
 MAX_BODY_BYTES = 4 << 20
 MAX_DEPTH = 32
 MAX_STOPS = 16
+CHECK_SECONDS = 5.0
 # Where a checked request's parsed JSON body is handed to the apps behind (scope["state"]).
 PARSED_BODY = "fastchat_bigdl.parsed_body"
 
@@ -85,14 +88,22 @@ def check_stop(data: dict) -> None:
 
 class ValidateRequests:
     """ASGI middleware: read the body of the listed POST routes, run the route's check,
-    answer 4xx in FastChat's error schema, or pass the buffered body on unchanged (and
-    its parsed JSON in ``scope["state"][PARSED_BODY]``, so nothing behind parses it again)."""
+    answer 4xx in FastChat's error schema, or pass the body on (and its parsed JSON in
+    ``scope["state"][PARSED_BODY]``, so nothing behind parses it again).
 
-    def __init__(self, app, checks: Dict[str, Callable[[dict], None]], max_body: int = MAX_BODY_BYTES):
-        self.app, self.checks, self.max_body = app, checks, max_body
+    Checks run in a worker thread under a time limit: compiling a request's JSON schemas
+    into a grammar takes about a millisecond per KiB, and in the event loop it would stall
+    every other request's stream. ``defaults`` (route -> function) may fill in what a
+    request left out; the body handed on is then the filled-in one."""
+
+    def __init__(self, app, checks: Dict[str, Callable[[dict], None]], max_body: int = MAX_BODY_BYTES,
+                 check_seconds: float = CHECK_SECONDS, defaults: Optional[Dict[str, Callable[[dict], dict]]] = None):
+        self.app, self.checks, self.max_body, self.check_seconds = app, checks, max_body, check_seconds
+        self.defaults = defaults or {}
 
     async def __call__(self, scope, receive, send):
-        check = self.checks.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        path = scope.get("path")
+        check = self.checks.get(path) if scope["type"] == "http" and scope["method"] == "POST" else None
         if check is None:
             return await self.app(scope, receive, send)
         try:
@@ -105,8 +116,23 @@ class ValidateRequests:
             return
         try:
             data = parse_body(body)
-            check(data)
+            await self._check(check, data)
         except Invalid as exc:
             return await error_response(exc.code, str(exc))(scope, receive, send)
+        fill = self.defaults.get(path)
+        if fill is not None:
+            filled = fill(data)
+            if filled is not data:
+                data, body = filled, json.dumps(filled).encode()
         scope = {**scope, "state": {**scope.get("state", {}), PARSED_BODY: data}}
         await self.app(scope, replaying(body, receive), send)
+
+    async def _check(self, check: Callable[[dict], None], data: dict) -> None:
+        try:
+            with anyio.fail_after(self.check_seconds):
+                # Abandoned on time-out; llguidance's own fuel limits bound how long it runs on.
+                await anyio.to_thread.run_sync(check, data, abandon_on_cancel=True)
+        except TimeoutError:
+            raise Invalid(f"checking the request took longer than {self.check_seconds:g} s; its tool or "
+                          "response_format schemas are too large or complex to enforce",
+                          ErrorCode.PARAM_OUT_OF_RANGE) from None

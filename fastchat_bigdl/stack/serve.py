@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 
 import requests
 
-from fastchat_bigdl.api import API_KEYS_ENV
+from fastchat_bigdl.api import API_KEYS_ENV, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_ENV
 from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
 
 # The API server must not give up on a slow local decode before the client does.
@@ -133,6 +133,7 @@ class Stack:
     worker_args: List[str] = field(default_factory=list)
     api_keys: Optional[str] = None  # comma-separated, FastChat's --api-keys
     workers: int = 1
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # for chat requests without max_tokens; 0: none
     python: str = sys.executable
     children: List[Child] = field(default_factory=list)
     controller_url: str = ""
@@ -156,6 +157,7 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         # A process that used a fast tokenizer and then forks would warn in every log.
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[DEFAULT_MAX_TOKENS_ENV] = str(self.default_max_tokens)
         if self.api_keys:  # by environment: FastChat logs its argv, keys must not land in logs
             env[API_KEYS_ENV] = self.api_keys
         return env
@@ -291,6 +293,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="API server port (default 8000)")
     parser.add_argument("--workers", type=int, default=1,
                         help="Low-bit workers to start behind the controller (each loads the model)")
+    parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                        help=f"Cap for chat requests that send no max_tokens (default {DEFAULT_MAX_TOKENS}; 0 lets "
+                        "them run to the end of the context, as FastChat does)")
     parser.add_argument("--log-dir", default=None, help="Where the processes log")
     parser.add_argument("--ready-timeout", type=float, default=900, help="Seconds to wait for the model")
 
@@ -310,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
     from fastchat_bigdl.lowbit.formats import UnsupportedFormat
     from fastchat_bigdl.stack.demo_model import DemoModelMissing, ensure_demo_model
 
+    if args.default_max_tokens < 0:
+        print("fastchat-bigdl serve: error: --default-max-tokens must be 0 (no cap) or more", file=sys.stderr)
+        return 2
     try:
         check_low_bit(args.device, args.low_bit)
     except (BackendError, UnsupportedFormat) as exc:
@@ -333,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         api_keys=args.api_keys,
         workers=args.workers,
+        default_max_tokens=args.default_max_tokens,
     )
     warning = exposure_warning(args.host, args.api_keys)
     if warning:

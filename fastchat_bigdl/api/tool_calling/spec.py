@@ -20,6 +20,9 @@ from fastchat_bigdl.common.errors import Invalid
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TOOLS = 128
+# Compiling schemas into a grammar costs about 1 ms per KiB (llguidance); past this a
+# request is refused before anything is compiled.
+MAX_SCHEMA_BYTES = 256 << 10
 TOOL_KEYS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 CHOICES = ("none", "auto", "required")
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -200,9 +203,17 @@ def _reply(data: dict) -> Optional[Dict[str, Any]]:
     return reply_schema(schema)
 
 
+def _check_schema_size(data: dict) -> None:
+    size = len(json.dumps([data.get(key) for key in ("tools", "functions", "response_format")]))
+    if size > MAX_SCHEMA_BYTES:
+        raise Invalid(f"the request's tools and response_format schemas take {size >> 10} KiB; at most "
+                      f"{MAX_SCHEMA_BYTES >> 10} KiB can be enforced", ErrorCode.PARAM_OUT_OF_RANGE)
+
+
 def tool_request(data: dict) -> ToolRequest:
     """The request's tool and output-format part, checked (raises ``Invalid``) and
     normalised."""
+    _check_schema_size(data)
     tools, legacy = _tools(data)
     choice, named = _choice(data, tools, legacy)
     if "parallel_tool_calls" in data and not isinstance(data["parallel_tool_calls"], (bool, type(None))):
