@@ -2,11 +2,10 @@
 import collections
 import re
 import signal
-import time
 
 import pytest
 import autogen_local
-from helpers import chat, running_stack, wait_for
+from helpers import chat, running_stack
 
 pytestmark = [pytest.mark.slow]
 
@@ -36,23 +35,20 @@ def test_requests_spread_over_two_workers_and_survive_losing_one(tiny_chatml, tm
         stack.check_children(report=lost.append)  # the stack still serves: reported, not fatal
         assert lost and "worker-2 process exited" in lost[0] and "1 worker(s) keep serving" in lost[0]
 
-        # Before the controller notices, some requests are dispatched to the dead worker:
-        # a plain client gets a clear 503, autogen_local retries once on the survivor.
+        # Right after the kill, long before the controller's heartbeat expiry would drop the
+        # dead worker: a plain client loses nothing (the API server has the controller drop
+        # it and sends the request to the survivor), streaming or not, and so do agents.
+        def answered(stream: bool) -> str:
+            r = chat(stack.base_url, M, stream=stream)
+            ok = r.status_code == 200 and ('"error"' not in r.text if stream else r.json()["choices"])
+            return "ok" if ok else f"{r.status_code}: {r.text[:120]}"
+
+        outcomes = collections.Counter(answered(stream=i % 2 == 1) for i in range(20))
+        print(f"right after the kill: {dict(outcomes)}")
+        assert outcomes == {"ok": 20}
+        assert served_by(stack)["worker"] >= split["worker"] + 20
+
         from autogen import OpenAIWrapper
 
         client = OpenAIWrapper(**autogen_local.config(M, stack.base_url, wait=False, max_tokens=4))
-        outcomes = collections.Counter()
-        for _ in range(10):
-            outcomes["agent ok"] += bool(client.create(messages=[{"role": "user", "content": "hi"}]).choices)
-            r = chat(stack.base_url, M)
-            outcomes[r.status_code] += 1
-            assert r.status_code in (200, 503) and (r.status_code == 200 or r.json()["code"] == 50006)
-        print(f"right after the kill: {dict(outcomes)}")
-        assert outcomes["agent ok"] == 10
-
-        # once its heartbeat expires the controller drops it and everything goes to the survivor
-        assert stack.registered_workers() == 1  # only one still answers
-        started = time.monotonic()
-        wait_for(lambda: all(chat(stack.base_url, M).status_code == 200 for _ in range(6)), 60,
-                 "the controller to drop the dead worker")
-        print(f"every request on the survivor {time.monotonic() - started:.1f} s later")
+        assert all(client.create(messages=[{"role": "user", "content": "hi"}]).choices for _ in range(5))
