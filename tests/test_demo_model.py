@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastchat_bigdl.lowbit import gguf_checkpoint
 from fastchat_bigdl.stack import demo_model
 from fastchat_bigdl.stack.serve import Stack, StackError, free_port
 from helpers import chat
@@ -44,8 +45,8 @@ def rope_adjacent_pairs(x, theta):
 
 def gguf_reference_logits(reader, ids):
     """An independent numpy forward pass straight from the GGUF tensors and metadata."""
-    w = {k: v.astype(np.float64) for k, v in demo_model.read_gguf_tensors(reader).items()}
-    cfg = demo_model.llama_config(reader)
+    w = {t.name: gguf_checkpoint.dequantized(t).astype(np.float64) for t in reader.tensors}
+    cfg = gguf_checkpoint.llama_config(reader)
     nh, nkv, eps, theta = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"], cfg["rope_theta"]
     hd = cfg["hidden_size"] // nh
     x = w["token_embd.weight"][ids]
@@ -107,7 +108,7 @@ def test_special_tokens_and_chat_template_are_kept(demo_path, gguf_reader):
 
 
 def test_conversion_is_cached_and_not_redone(demo_path, mocker):
-    convert = mocker.patch.object(demo_model, "convert_gguf")
+    convert = mocker.patch.object(gguf_checkpoint, "convert_gguf")
     assert demo_model.ensure_demo_model(demo_path.parent) == demo_path
     convert.assert_not_called()
 

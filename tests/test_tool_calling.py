@@ -268,3 +268,55 @@ def test_tools_with_a_json_reply_give_a_valid_call_or_valid_json(tiny, seed):
         jsonschema.validate(json.loads(call["arguments"]), {t.name: t.parameters for t in TOOLS}[call["name"]])
     else:
         jsonschema.validate(json.loads(out["text"]), FORECAST)
+
+
+# --- calls that fit max_tokens ---------------------------------------------------------------
+
+UNBOUNDED = {"type": "object", "properties": {"note": {"type": "string"}, "count": {"type": "integer"}},
+             "required": ["note", "count"]}
+# A number followed by more required fields: closing must move on, not add digits.
+NUMBERS_FIRST = {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"},
+                                                  "to": {"type": "string"}}, "required": ["a", "b", "to"]}
+
+
+@pytest.mark.parametrize("schema", [UNBOUNDED, NUMBERS_FIRST], ids=["string-then-integer", "numbers-then-string"])
+@pytest.mark.parametrize("seed", range(20))
+def test_a_required_call_with_unbounded_fields_is_closed_within_max_tokens(tiny, seed, schema):
+    """A random model at temperature 1 writes strings and numbers that never end; near the
+    end of the budget the constraint closes them, so the call is complete and valid."""
+    tool = tool_request({"tools": openai_tools(Tool("log", "Log a note", schema))}).tools
+    out = generate(tiny, output_grammar(tool, forced=True), seed, max_new_tokens=128)
+    assert out["finish_reason"] == "stop" and out["usage"]["completion_tokens"] <= 128, out
+    call = parse_reply(out["text"], ["log"]).calls[0]
+    jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_json_reply_with_unbounded_fields_is_closed_within_max_tokens(tiny, seed):
+    reply = tool_request({"response_format": json_schema_format(UNBOUNDED)}).reply
+    out = generate(tiny, output_grammar(reply=reply), seed, max_new_tokens=40)
+    assert out["finish_reason"] == "stop", out
+    jsonschema.validate(json.loads(out["text"]), UNBOUNDED)
+
+
+def test_free_text_under_auto_still_ends_by_length(tiny):
+    """Closing applies inside a structure only: free text cut by max_tokens says so."""
+    out = generate(tiny, output_grammar(TOOLS, forced=False), seed=3, temperature=0, max_new_tokens=24)
+    assert out["finish_reason"] == "length"
+
+
+def test_the_closing_plan_ends_an_open_string_then_fills_the_required_rest(tiny):
+    from fastchat_bigdl.worker.grammar_constraint import GrammarConstraint, closing_plan
+
+    model, tok = tiny
+    tool = tool_request({"tools": openai_tools(Tool("log", "Log a note", UNBOUNDED))}).tools
+    constraint = GrammarConstraint(tok, output_grammar(tool, forced=True), model.config.vocab_size,
+                                   [tok.convert_tokens_to_ids("<|im_end|>")])
+    opened = '<tool_call>\n{"name": "log", "arguments": {"note": "the quick brown fox }}'
+    for token in tok(opened, add_special_tokens=False).input_ids:
+        assert constraint.advance(token)
+    plan = closing_plan(constraint.matcher, constraint.info, constraint._text)
+    finished = opened + tok.decode(plan, skip_special_tokens=True)
+    call = parse_reply(finished, ["log"]).calls[0]  # '}}' inside the string did not fool it
+    assert json.loads(call["arguments"]) == {"note": "the quick brown fox }}", "count": 0}
+    assert len(plan) < 40  # a few tokens per character at most with this tiny vocabulary

@@ -174,3 +174,21 @@ def test_a_json_schema_response_format_is_followed(stack, stream):
         content, finish = choice["message"]["content"], choice["finish_reason"]
     assert finish == "stop"
     jsonschema.validate(json.loads(content), FORECAST)
+
+
+LOG = {"type": "object", "properties": {"note": {"type": "string"}, "count": {"type": "integer"}},
+       "required": ["note", "count"]}
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_required_call_with_unbounded_fields_fits_max_tokens(stack, attempt):
+    """Unbounded string and integer, temperature 1, max_tokens 128: the worker closes the
+    call before the budget ends, so it comes back as a call with finish_reason tool_calls."""
+    tools = [{"type": "function", "function": {"name": "log", "description": "log a note", "parameters": LOG}}]
+    r = post(stack, tools=tools, tool_choice="required", temperature=1.0, max_tokens=128,
+             messages=[{"role": "user", "content": f"note {attempt}: log something"}])
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert r.json()["usage"]["completion_tokens"] <= 128
+    jsonschema.validate(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), LOG)

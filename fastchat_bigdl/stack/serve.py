@@ -281,8 +281,10 @@ def low_bit_help() -> str:
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None,
-                        help="Hugging Face checkpoint dir (default: the embedded SmolLM2-135M-Instruct demo)")
-    parser.add_argument("--model-name", default=None, help="Name served in the API (default: the dir name)")
+                        help="Hugging Face checkpoint dir or Llama-family .gguf file (default: the embedded "
+                        "SmolLM2-135M-Instruct demo)")
+    parser.add_argument("--model-name", default=None,
+                        help="Name served in the API (default: the dir name, or the .gguf file's name without .gguf)")
     parser.add_argument("--device", choices=["cpu", "xpu"], default="cpu")
     parser.add_argument("--low-bit", default="sym_int4", metavar="FORMAT", help=low_bit_help())
     parser.add_argument("--host", default="127.0.0.1",
@@ -313,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
     from fastchat_bigdl.common.paths import cache_dir
     from fastchat_bigdl.lowbit.backend import BackendError
     from fastchat_bigdl.lowbit.formats import UnsupportedFormat
+    from fastchat_bigdl.lowbit.gguf_checkpoint import is_gguf, served_name
     from fastchat_bigdl.stack.demo_model import DemoModelMissing, ensure_demo_model
 
     if args.default_max_tokens < 0:
@@ -331,9 +334,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr)
             return 2
     model_path = args.model_path.rstrip("/")
+    default_name = served_name(model_path) if is_gguf(model_path) else os.path.basename(model_path)
     stack = Stack(
         model_path=model_path,
-        model_name=args.model_name or os.path.basename(model_path),
+        model_name=args.model_name or default_name,
         log_dir=Path(args.log_dir) if args.log_dir else cache_dir() / "logs" / time.strftime("%Y%m%d-%H%M%S"),
         device=args.device,
         low_bit=args.low_bit,

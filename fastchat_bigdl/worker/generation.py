@@ -143,6 +143,8 @@ def generate_stream(
                 seen = history[:, :len(fed)] if history is not None else None
                 scores = processors(seen, scores[None, :])[0]
             token = _sample(scores, temperature, top_p)
+            if constraint is not None:  # the call must still fit the tokens left
+                token = constraint.within_budget(token, remaining=max_new_tokens - step)
             if constraint is not None and not constraint.advance(token):
                 logger.warning("the grammar refused token %d; generation ends here", token)
                 finish_reason = "stop"

@@ -23,6 +23,7 @@ from fastchat_bigdl.common.paths import low_bit_cache_dir
 from fastchat_bigdl.common.validation import ValidateRequests
 from fastchat_bigdl.lowbit.backend import BackendError
 from fastchat_bigdl.lowbit.devices import DeviceUnavailable, use_physical_cores
+from fastchat_bigdl.lowbit.gguf_checkpoint import ensure_checkpoint, is_gguf, served_name
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.worker.admission import AdmissionControl
 from fastchat_bigdl.worker.arguments import build_parser, own_options_given, validate_bigdl_args
@@ -43,12 +44,16 @@ def run_upstream(argv: List[str]) -> None:
 
 
 def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
+    model_path, model_names = args.model_path, args.model_names
+    if is_gguf(model_path):  # converted once into a cached Hugging Face checkpoint
+        model_names = model_names or [served_name(model_path)]
+        model_path = str(ensure_checkpoint(model_path))
     return BigDLModelWorker(
         args.controller_address,
         args.worker_address,
         upstream.worker_id,
-        args.model_path,
-        args.model_names,
+        model_path,
+        model_names,
         args.limit_worker_concurrency,
         no_register=args.no_register,
         device=args.device,

@@ -1,0 +1,260 @@
+"""GGUF files (what Ollama and llama.cpp users already have) as models: a Llama-family GGUF
+is converted once into a Hugging Face checkpoint in the cache, which the low-bit library
+then loads like any other. The tokenizer and chat template come from the file.
+
+The conversion dequantizes one layer at a time (``gguf``'s numpy dequantizers) and
+writes safetensors shards of about 1 GiB, so memory holds a shard, not the model. What it
+cannot convert (another architecture, a tokenizer or pre-tokenizer it does not know, a
+quantization type ``gguf`` cannot dequantize) is refused with one clear line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from fastchat_bigdl.common.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # bump when the conversion changes, to rebuild old checkpoints
+STAMP = "fastchat_bigdl_gguf.json"
+SHARD_BYTES = 1 << 30
+CONTROL_TOKEN = 3  # llama.cpp token type for special/control tokens
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class UnsupportedGGUF(ValueError):
+    """This GGUF cannot be converted; the message says what it has and what is supported."""
+
+
+def is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(".gguf")
+
+
+def served_name(gguf_path: str) -> str:
+    """The model name a GGUF is served under: its file name without ``.gguf``."""
+    return Path(gguf_path).name[: -len(".gguf")]
+
+
+def unpermute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (its RoPE rotates adjacent pairs,
+    Hugging Face's rotates the two halves of each head)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def llama_config(reader) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise UnsupportedGGUF(f"only Llama-architecture GGUF files (Llama, Mistral, SmolLM) can be converted, "
+                              f"not {arch!r}")
+    heads = int(_field(reader, "llama.attention.head_count"))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": int(_field(reader, "llama.embedding_length")),
+        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv") or heads),
+        "max_position_embeddings": int(_field(reader, "llama.context_length")),
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base") or 10000.0),
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+        "torch_dtype": "float32",
+    }
+
+
+def dequantized(tensor) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    except NotImplementedError:
+        raise UnsupportedGGUF(f"tensor {tensor.name} is {tensor.tensor_type.name}, a quantization type the "
+                              "installed gguf package cannot dequantize") from None
+
+
+def hf_tensor(name: str, value: np.ndarray, config: dict) -> Tuple[str, np.ndarray]:
+    """A GGUF tensor under its Hugging Face name and layout."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name], value
+    try:
+        _, layer, kind, _ = name.split(".")
+        hf_name = LAYER_NAMES[kind]
+    except (ValueError, KeyError):
+        raise UnsupportedGGUF(f"tensor {name!r} has no place in a Llama checkpoint") from None
+    if kind == "attn_q":
+        value = unpermute_rope(value, config["num_attention_heads"])
+    elif kind == "attn_k":
+        value = unpermute_rope(value, config["num_key_value_heads"])
+    return f"model.layers.{layer}.{hf_name}.weight", value
+
+
+def hf_shards(reader, config: dict) -> Iterator[Dict[str, np.ndarray]]:
+    """The checkpoint's tensors, a layer at a time, in shards of about ``SHARD_BYTES``
+    (few shards load fast; memory holds one shard and one layer)."""
+    by_layer: Dict[int, List] = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        by_layer.setdefault(int(parts[1]) if parts[0] == "blk" else -1, []).append(tensor)
+    shard: Dict[str, np.ndarray] = {}
+    size = 0
+    for layer in sorted(by_layer):
+        for tensor in by_layer[layer]:
+            name, value = hf_tensor(tensor.name, dequantized(tensor), config)
+            shard[name] = value
+            size += value.nbytes
+        if size >= SHARD_BYTES:
+            yield shard
+            shard, size = {}, 0
+    if shard:
+        yield shard
+
+
+# llama.cpp's pre-tokenizer names -> how to split text before BPE.
+def _pre_tokenizer(name: Optional[str]):
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if name in (None, "default", "gpt-2", "gpt2"):
+        return byte_level
+    if name == "smollm":  # single digits, then the GPT-2 split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    raise UnsupportedGGUF(f"the GGUF's pre-tokenizer {name!r} is not supported yet (supported: gpt-2, smollm); "
+                          "serve the model's Hugging Face checkpoint instead")
+
+
+def build_tokenizer(reader):
+    """A fast GPT-2-style byte-level BPE tokenizer from the GGUF vocab and merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedGGUF(f"only byte-level BPE (gpt2) tokenizers can be converted, not {kind!r} "
+                              "(SentencePiece 'llama' tokenizers: serve the Hugging Face checkpoint instead)")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type"))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    specials = [t for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+
+    template = _field(reader, "tokenizer.chat_template")
+    bos = tokens[int(_field(reader, "tokenizer.ggml.bos_token_id"))]
+    eos = tokens[int(_field(reader, "tokenizer.ggml.eos_token_id"))]
+    # A chat model's turn ends with the template's end-of-turn token (<|im_end|>),
+    # which is what the original Hugging Face release uses as EOS.
+    if template and "<|im_end|>" in tokens and "<|im_end|>" in template:
+        eos = "<|im_end|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=tokens[int(_field(reader, "tokenizer.ggml.unknown_token_id") or 0)],
+        pad_token=eos,
+        chat_template=template,
+        model_max_length=int(_field(reader, "llama.context_length")),
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Write a Hugging Face checkpoint (config, safetensors shards, tokenizer) for a Llama GGUF."""
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    config = llama_config(reader)
+    tokenizer = build_tokenizer(reader)
+    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for index, tensors in enumerate(hf_shards(reader, config), start=1):
+        filename = f"model-{index:05d}.safetensors"
+        save_file({k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in tensors.items()},
+                  str(out_dir / filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in tensors})
+        total += sum(v.nbytes for v in tensors.values())
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _source_stamp(gguf_path: Path) -> dict:
+    st = gguf_path.stat()
+    return {"format": FORMAT_VERSION, "source": str(gguf_path.resolve()), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
+
+
+def ensure_checkpoint(gguf_path, target: Optional[Path] = None) -> Path:
+    """The Hugging Face checkpoint converted from ``gguf_path``, converting it on first use
+    (again when the file changed). ``target`` defaults to a directory named after the file
+    under ``~/.cache/fastchat-bigdl/models/gguf``. Written to a temporary sibling and renamed
+    into place, so an interrupted or concurrent conversion never leaves half a model."""
+    gguf_path = Path(gguf_path)
+    if target is None:
+        key = hashlib.sha256(str(gguf_path.resolve()).encode()).hexdigest()[:12]
+        target = cache_dir() / "models" / "gguf" / f"{served_name(str(gguf_path))}-{key}"
+    stamp, wanted = target / STAMP, _source_stamp(gguf_path)
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return target
+    logger.info("Converting %s into a Hugging Face checkpoint at %s (once) ...", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        convert_gguf(gguf_path, tmp)
+        (tmp / STAMP).write_text(json.dumps(wanted))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not stamp.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
