@@ -10,11 +10,12 @@ with every format listed here, so the list cannot drift from the library.
 """
 from __future__ import annotations
 
-from typing import List
-
-import torch
+from typing import TYPE_CHECKING, List
 
 from fastchat_bigdl.lowbit.backend import LowBitBackend
+
+if TYPE_CHECKING:
+    import torch
 
 # The ggml formats with a CPU kernel, plus bf16 (native torch matmul; needs a bf16 model).
 CPU_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "woq_int4", "bf16")
@@ -48,6 +49,8 @@ def check_format(backend: LowBitBackend, device: str, low_bit: str) -> None:
 def load_dtype(device: str, low_bit: str) -> torch.dtype:
     """dtype for the layers the library leaves unquantised (norms, embeddings): fp16 on
     Intel GPU; on CPU fp32, or bf16 for the bf16 format, whose linears need bf16 inputs."""
+    import torch
+
     if device == "xpu":
         return torch.float16
     return torch.bfloat16 if low_bit == "bf16" else torch.float32

@@ -270,13 +270,11 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def low_bit_help() -> str:
-    from fastchat_bigdl.lowbit.backend import BackendError, resolve_backend
-    from fastchat_bigdl.lowbit.formats import formats_help
+    # Static: building the parser must not import the low-bit library (it takes seconds).
+    from fastchat_bigdl.lowbit.formats import CPU_FORMATS
 
-    try:
-        return f"Low-bit weight format (default sym_int4). Formats that run: {formats_help(resolve_backend())}"
-    except BackendError:
-        return "Low-bit weight format (default sym_int4)"
+    return (f"Low-bit weight format (default sym_int4). On cpu: {', '.join(CPU_FORMATS)} (those the installed "
+            "library has); on xpu: any the library loads. Checked before anything starts.")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:

@@ -23,12 +23,13 @@ from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for
 from fastchat_bigdl.lowbit.backend import resolve_backend
-from fastchat_bigdl.lowbit.devices import empty_cache, place_model, prepare_device
+from fastchat_bigdl.lowbit.devices import empty_cache, place_model, prepare_device, use_physical_cores
 from fastchat_bigdl.lowbit.formats import load_dtype
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 from fastchat_bigdl.worker.generation import generate_stream
+from fastchat_bigdl.worker.model_thread import ModelThread
 from fastchat_bigdl.worker.prefix_cache import PrefixCache
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
@@ -99,7 +100,10 @@ class BigDLModelWorker(upstream.ModelWorker):
             conv_template=conv_template,
         )
         prepare_device(device)
-        model, self.tokenizer = fastchat_bigdl.bigdl_adapter.load_model(
+        self.model_thread = ModelThread()
+        self.model_thread.call(use_physical_cores)
+        model, self.tokenizer = self.model_thread.call(
+            fastchat_bigdl.bigdl_adapter.load_model,
             model_path,
             {
                 "low_bit": low_bit,
@@ -111,7 +115,7 @@ class BigDLModelWorker(upstream.ModelWorker):
                 "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None,
             },
         )
-        self.model = place_model(model, device)
+        self.model = self.model_thread.call(place_model, model, device)
         self.device = device
         self.low_bit = low_bit
         if self.tokenizer.pad_token is None:
@@ -122,6 +126,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
             stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache,
                                             model_lock=threading.Lock())
+        stream_func = self.model_thread.generator(stream_func)  # every step on the model's own thread
         self.generate_stream_func = report_failures(guard_out_of_memory(stream_func))
         self.stream_interval = stream_interval
         self.embed_in_truncate = embed_in_truncate
