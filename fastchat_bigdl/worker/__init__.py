@@ -1,6 +1,7 @@
 """Everything that runs inside the ``--bigdl_load`` worker process: FastChat's
 ``ModelWorker`` extended to serve a low-bit model (``bigdl_worker``), its command line
-(``arguments``, ``main``), the token loop (``generation``), KV prefix reuse
+(``arguments``, ``main``), the thread that owns the model (``model_thread``), the token
+loop (``generation``), KV prefix reuse
 (``prefix_cache``), grammar-constrained decoding (``grammar_constraint``), bounded
 queueing (``admission``), request checks and extra routes.
 
