@@ -25,7 +25,7 @@ from fastchat_bigdl.common.paths import cache_dir
 
 
 def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=None) -> dict:
-    """``measure_peer``: how llama.cpp is measured (default: ``bench_llama_cpp.measure``)."""
+    """``measure_peer``: how llama.cpp is measured (default: ``llama_cpp_peer.measure``)."""
     s.out_dir.mkdir(parents=True, exist_ok=True)
     # This process tokenizes, then starts stacks: without this, a fork warning per start.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,9 +46,9 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
         STOCK: measure_stack(s, model_path, model_name, None, starts=1, count=count, progress=progress),
     }
     if "llama-cpp" in s.against:
-        from fastchat_bigdl.bench import llama_cpp_peer as bench_llama_cpp
+        from fastchat_bigdl.bench import llama_cpp_peer
 
-        results[LLAMA_CPP] = (measure_peer or bench_llama_cpp.measure)(s, s.gguf_path, progress)
+        results[LLAMA_CPP] = (measure_peer or llama_cpp_peer.measure)(s, s.gguf_path, progress)
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "bandwidth_gbs": bandwidth},
@@ -59,7 +59,7 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     report["ratios"] = compare(report["stacks"][OURS], report["stacks"][STOCK])
     if LLAMA_CPP in report["stacks"]:
         report["vs_llama_cpp"] = compare_with_peer(report["stacks"][OURS], report["stacks"][LLAMA_CPP])
-        report["llama_cpp"] = {"version": bench_llama_cpp.llama_cpp_version(), "gguf": s.gguf_path}
+        report["llama_cpp"] = {"version": llama_cpp_peer.llama_cpp_version(), "gguf": s.gguf_path}
     report["targets"] = targets(report)
     (s.out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, s.out_dir / "bench.png")

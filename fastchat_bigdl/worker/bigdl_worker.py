@@ -124,9 +124,10 @@ class BigDLModelWorker(upstream.ModelWorker):
         self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         stream_func = get_generate_stream_function(self.model, model_path)
         if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
-            stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache,
-                                            model_lock=threading.Lock())
-        stream_func = self.model_thread.generator(stream_func)  # every step on the model's own thread
+            stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache)
+        # Every step of every stream on the model's own thread: concurrent streams take turns
+        # there chunk by chunk, so no lock around the model is needed.
+        stream_func = self.model_thread.generator(stream_func)
         self.generate_stream_func = report_failures(guard_out_of_memory(stream_func))
         self.stream_interval = stream_interval
         self.embed_in_truncate = embed_in_truncate

@@ -1,14 +1,14 @@
 """The worker's token loop: FastChat's ``generate_stream`` contract (same params, same
 yielded dicts), with three things FastChat's loop lacks:
 
-- KV prefix reuse (``kv_cache.PrefixCache``): only the part of the prompt not seen in an
+- KV prefix reuse (``prefix_cache.PrefixCache``): only the part of the prompt not seen in an
   earlier request is prefilled;
 - incremental detokenization: each token decodes a few-token window instead of the whole
   output (FastChat re-decodes everything every ``stream_interval`` tokens);
 - stop strings matched on the new text only, including stops that span tokens, and
   text that could still become a stop is held back, never emitted;
-- an optional ``grammar`` parameter (``constrained.GrammarConstraint``) that limits the
-  output to a grammar, as tool calls need.
+- an optional ``grammar`` parameter (``grammar_constraint.GrammarConstraint``) that limits
+  the output to a grammar and fits it into ``max_new_tokens``, as tool calls need.
 """
 from __future__ import annotations
 
@@ -71,9 +71,10 @@ def generate_stream(
     prefix_cache: Optional[PrefixCache] = None,
     model_lock: Optional[threading.Lock] = None,
 ) -> Iterator[Dict]:
-    """``model_lock``: FastChat runs up to --limit-worker-concurrency streams in threads;
-    holding it for each forward pass (never across a yield) makes them take turns token
-    by token instead of running the model concurrently."""
+    """``model_lock``: for callers that run several of these generators in threads at once
+    (the worker does not: it runs them all on its model thread); holding it for each
+    forward pass (never across a yield) makes them take turns token by token instead of
+    running the model concurrently."""
     model_lock = model_lock or contextlib.nullcontext()
     prompt = params["prompt"]
     temperature = float(params.get("temperature", 1.0))
