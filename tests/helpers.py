@@ -33,9 +33,16 @@ def build_tiny_llama(
     layers: int = 2,
     seed: int = 0,
     context: int = 256,
+    heads: int = 2,
+    kv_heads: Optional[int] = None,
+    tie_word_embeddings: bool = False,
+    architecture: str = "llama",
+    rope_scaling: Optional[dict] = None,
+    sliding_window: Optional[int] = None,
 ) -> Path:
-    """A random-weight Llama with a byte-level BPE tokenizer trained on a tiny corpus.
-    Dims are multiples of 64, as the low-bit layers require."""
+    """A random-weight Llama (or Mistral: ``architecture="mistral"``) with a byte-level BPE
+    tokenizer trained on a tiny corpus. Dims are multiples of 64, as the low-bit layers
+    require."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -61,12 +68,18 @@ def build_tiny_llama(
         cfg["chat_template"] = chat_template
         cfg_path.write_text(json.dumps(cfg))
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
         max_position_embeddings=context, bos_token_id=0, eos_token_id=1,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    if architecture == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+        model = MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **shape))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(rope_scaling=rope_scaling, **shape))
+    model.save_pretrained(str(path), safe_serialization=True)
     if rope_theta is not None:
         cfg_path = path / "config.json"
         cfg = json.loads(cfg_path.read_text())

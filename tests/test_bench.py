@@ -84,8 +84,8 @@ def test_roofline_uses_the_bytes_each_format_reads():
 
 @pytest.mark.slow
 def test_quick_bench_writes_table_json_and_plot(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "fastchat_bigdl", "bench", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "fastchat_bigdl", "bench", "--quick", "--profile",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "decode run 1/1" in out.stdout and "replay turn 3/3" in out.stdout  # progress shown
     assert "decode tok/s" in out.stdout and "% of roofline" in out.stdout
@@ -105,7 +105,17 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
     assert report["ratios"]["decode_speedup"] == pytest.approx(
         ours["decode"]["tok_s"] / report["stacks"][bench_settings.STOCK]["decode"]["tok_s"])
     assert set(report["targets"]) == {"decode >= 3x stock fp32", "replay turn-last TTFT <= 1.5x turn-1",
-                                      "cached start >= 5x faster (model load)", "roofline >= 50%"}
+                                      "cached start >= 5x faster (model load)", "roofline >= 50%",
+                                      "API decode >= 0.85x kernel ceiling", "API decode >= 0.9x in-process"}
+    # --profile: one token's time split in-process, related to the API's speed of the same run
+    ms = report["profile"]["ms_per_token"]
+    assert all(ms[k] > 0 for k in ("linear", "attention", "lean_forward", "token_loop", "hf_forward"))
+    assert ms["linear"] + ms["attention"] < 1.5 * ms["lean_forward"]  # parts of the forward, not more
+    assert report["profile"]["tok_s"]["kernel_ceiling"] == pytest.approx(1000 / ms["linear"])
+    assert report["ratios"]["api_decode_over_kernel_ceiling"] == pytest.approx(
+        ours["decode"]["tok_s"] / report["profile"]["tok_s"]["kernel_ceiling"])
+    assert "one token in-process: low-bit linears" in out.stdout and "serving adds" in out.stdout
+    assert "avx2" in report["machine"]["cpu"] or "no AVX2" in report["machine"]["cpu"]
 
 
 # --- bench --against llama-cpp: the plumbing, with llama.cpp replaced -----------------------
@@ -184,7 +194,7 @@ def test_against_llama_cpp_compares_the_demo_gguf_with_its_converted_checkpoint(
     from fastchat_bigdl.stack.demo_model import DEMO_GGUF, DEMO_NAME
 
     args = argparse.Namespace(model_path=None, gguf=None, against=["llama-cpp"], quick=True, low_bit="sym_int4",
-                              turns=None, out=str(tmp_path))
+                              turns=None, out=str(tmp_path), profile=False)
     s = bench_main.settings_from_args(args)
     assert s.gguf_path.endswith(DEMO_GGUF) and Path(s.model_path).name == DEMO_NAME
     assert s.conv_template is None and s.prompt_style == "english"  # both use the model's ChatML template

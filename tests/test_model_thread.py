@@ -37,7 +37,8 @@ def test_errors_raised_on_the_model_thread_reach_the_caller():
         next(stepped)
 
 
-def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker):
+@pytest.mark.parametrize("forward", ["lean", "hf"])
+def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, forward):
     import fastchat_bigdl
     from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 
@@ -50,14 +51,23 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker):
 
     mocker.patch.object(fastchat_bigdl.bigdl_adapter, "load_model", side_effect=recording_load)
     worker = BigDLModelWorker("http://127.0.0.1:1", "http://127.0.0.1:2", "w", str(tiny_llama), None, 2,
-                              no_register=True, low_bit_cache=None)
-    forward = worker.model.forward
+                              no_register=True, low_bit_cache=None, forward=forward)
+    assert (worker.runner is not None) == (forward == "lean")
 
-    def recording_forward(*args, **kwargs):
-        threads.setdefault("forward", set()).add(threading.current_thread().name)
-        return forward(*args, **kwargs)
+    def record(owner, name):
+        original = getattr(owner, name)
 
-    mocker.patch.object(worker.model, "forward", side_effect=recording_forward)
+        def recording(*args, **kwargs):
+            threads.setdefault("forward", set()).add(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        mocker.patch.object(owner, name, side_effect=recording)
+
+    if worker.runner is not None:
+        record(worker.runner, "prefill")
+        record(worker.runner, "decode")
+    else:
+        record(worker.model, "forward")
     params = {"prompt": "hello world", "max_new_tokens": 4, "temperature": 0, "echo": False}
     chunks = []
     for _ in range(2):  # two requests, from two different request threads

@@ -25,16 +25,8 @@ def last_chunk(worker, params=PARAMS):
 @pytest.mark.parametrize("fault", [KeyError("boom"), RuntimeError("boom\nsecond line"), ValueError("boom")],
                          ids=["KeyError", "RuntimeError", "ValueError"])
 def test_injected_fault_is_one_clear_line_then_the_worker_serves_on(worker, mocker, caplog, fault):
-    calls = {"n": 0}
-    forward = worker.model.forward
-
-    def failing_on_second_step(*args, **kwargs):  # prefill works, the next step fails
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise fault
-        return forward(*args, **kwargs)
-
-    mocker.patch.object(worker.model, "forward", side_effect=failing_on_second_step)
+    assert worker.runner is not None  # the default forward: the lean runner
+    mocker.patch.object(worker.runner, "decode", side_effect=fault)  # prefill works, the next step fails
     with caplog.at_level(logging.ERROR, logger="fastchat_bigdl.model_worker"):
         failed = last_chunk(worker)
     assert failed["error_code"] == 50001
@@ -50,6 +42,6 @@ def test_injected_fault_is_one_clear_line_then_the_worker_serves_on(worker, mock
 
 
 def test_non_streaming_generation_reports_the_same_way(worker, mocker):
-    mocker.patch.object(worker.model, "forward", side_effect=IndexError("index 7 is out of range"))
+    mocker.patch.object(worker.runner, "prefill", side_effect=IndexError("index 7 is out of range"))
     result = worker.generate_gate(dict(PARAMS))
     assert result["error_code"] == 50001 and "IndexError: index 7 is out of range" in result["text"]

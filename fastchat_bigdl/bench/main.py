@@ -19,7 +19,8 @@ from typing import Callable, List, Optional
 
 from fastchat_bigdl.bench.measure import measure_bandwidth, measure_stack
 from fastchat_bigdl.bench.random_model import DEFAULT_SHAPE, QUICK_SHAPE, LlamaShape, build_random_llama
-from fastchat_bigdl.bench.report import compare, compare_with_peer, format_table, plot, summarize, targets
+from fastchat_bigdl.bench.report import (compare, compare_with_peer, compare_with_profile, format_table, plot,
+                                         summarize, targets)
 from fastchat_bigdl.bench.settings import CONV_TEMPLATE, LLAMA_CPP, OURS, STOCK, BenchSettings, token_counter
 from fastchat_bigdl.common.paths import cache_dir
 
@@ -49,14 +50,23 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
         from fastchat_bigdl.bench import llama_cpp_peer
 
         results[LLAMA_CPP] = (measure_peer or llama_cpp_peer.measure)(s, s.gguf_path, progress)
+    profile = None
+    if s.profile:
+        from fastchat_bigdl.bench.profile import run_profile
+
+        progress("profiling one generated token in-process (linears, attention, other ops, token loop) ...")
+        profile = run_profile(model_path, s.low_bit, s.out_dir / "profile.json", prompt_tokens=s.prompt_tokens)
     report = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "bandwidth_gbs": bandwidth},
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "platform": platform.platform(),
+                    "python": platform.python_version(), "bandwidth_gbs": bandwidth},
         "model": {"name": model_name, "path": model_path, "shape": asdict(shape), "params": shape.params},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items() if k != "shape"},
         "stacks": {label: summarize(r, shape, bandwidth) for label, r in results.items()},
     }
     report["ratios"] = compare(report["stacks"][OURS], report["stacks"][STOCK])
+    if profile is not None:
+        report["profile"] = profile
+        report["ratios"].update(compare_with_profile(report["stacks"][OURS], profile))
     if LLAMA_CPP in report["stacks"]:
         report["vs_llama_cpp"] = compare_with_peer(report["stacks"][OURS], report["stacks"][LLAMA_CPP])
         report["llama_cpp"] = {"version": llama_cpp_peer.llama_cpp_version(), "gguf": s.gguf_path}
@@ -64,6 +74,23 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     (s.out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, s.out_dir / "bench.png")
     return report
+
+
+def cpu_description() -> str:
+    """The CPU model and the instruction sets the low-bit kernels care about."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("unknown CPU", platform.processor()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"
 
 
 def shape_of_model(model_path: str) -> LlamaShape:
@@ -85,6 +112,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", choices=["llama-cpp"], action="append", default=[],
                         help="Also measure llama.cpp (llama-cpp-python) on the same model: by default the demo "
                              "model's own GGUF against this package serving the checkpoint converted from it")
+    parser.add_argument("--profile", action="store_true",
+                        help="Also break one generated token's time down in-process (low-bit linears, attention, "
+                             "other ops, the token loop) and relate the API's decode speed to it")
     parser.add_argument("--gguf", default=None,
                         help="The GGUF llama.cpp runs (default with --against llama-cpp: the demo model's); "
                              "--model-path must then be the same model as a Hugging Face checkpoint")
@@ -110,7 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         # A real model answers best in its own template (llama.cpp uses the GGUF's, too).
         conv_template=None if real_model else CONV_TEMPLATE,
         prompt_style="english" if real_model else "words",
-        against=against, gguf_path=gguf,
+        against=against, gguf_path=gguf, profile=args.profile,
     )
 
 

@@ -68,6 +68,16 @@ def compare_with_peer(ours: dict, peer: dict) -> dict:
     }
 
 
+def compare_with_profile(ours: dict, profile: dict) -> dict:
+    """The API's decode speed against the same model in-process (``bench.profile``)."""
+    speeds = profile["tok_s"]
+    return {
+        "api_decode_over_kernel_ceiling": _ratio(ours["decode"]["tok_s"], speeds["kernel_ceiling"]),
+        "api_decode_over_in_process": _ratio(ours["decode"]["tok_s"], speeds["token_loop"]),
+        "lean_over_hf_forward": _ratio(speeds["lean_forward"], speeds["hf_forward"]),
+    }
+
+
 def targets(report: dict) -> dict:
     ours, ratios = report["stacks"][OURS], report["ratios"]
     checks = {
@@ -76,6 +86,9 @@ def targets(report: dict) -> dict:
         "cached start >= 5x faster (model load)": (ratios["cached_model_load_speedup"], 5.0, "ge"),
         "roofline >= 50%": (ours["roofline"]["percent"], 50.0, "ge"),
     }
+    if "profile" in report:
+        checks["API decode >= 0.85x kernel ceiling"] = (ratios["api_decode_over_kernel_ceiling"], 0.85, "ge")
+        checks["API decode >= 0.9x in-process"] = (ratios["api_decode_over_in_process"], 0.9, "ge")
     return {name: {"value": v, "target": t, "met": (v is not None and (v >= t if op == "ge" else v <= t))}
             for name, (v, t, op) in checks.items()}
 
@@ -128,7 +141,17 @@ def format_table(report: dict) -> str:
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
     out.append("ratios: speed above 1 means ours is faster; RSS is ours / theirs")
     out.append(f"memory bandwidth {report['machine']['bandwidth_gbs']:.1f} GB/s; "
-               f"model {report['model']['params'] / 1e6:.0f} M params")
+               f"model {report['model']['params'] / 1e6:.0f} M params; {report['machine'].get('cpu', '')}")
+    if "profile" in report:
+        ms, speeds = report["profile"]["ms_per_token"], report["profile"]["tok_s"]
+        out.append(f"one token in-process: low-bit linears {ms['linear']:.1f} ms (kernel ceiling "
+                   f"{speeds['kernel_ceiling']:.0f} tok/s), attention {ms['attention']:.1f} ms, other ops "
+                   f"{ms['other']:.1f} ms; lean forward {ms['lean_forward']:.1f} ms, token loop "
+                   f"{ms['token_loop']:.1f} ms, Hugging Face forward {ms['hf_forward']:.1f} ms")
+        api = ours["decode"]["tok_s"]
+        if api:
+            out.append(f"through the API {1000 / api:.1f} ms a token: serving adds "
+                       f"{1000 / api - ms['token_loop']:.1f} ms")
     for name, t in report["targets"].items():
         out.append(f"target {name}: {f(t['value'])} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(out)

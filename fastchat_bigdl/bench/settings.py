@@ -42,6 +42,7 @@ class BenchSettings:
     prompt_style: str = "words"  # "words": the bench tokenizer's; "english": for a real tokenizer
     against: Tuple[str, ...] = ()
     gguf_path: Optional[str] = None
+    profile: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 

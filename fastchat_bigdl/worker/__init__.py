@@ -5,6 +5,6 @@ loop (``generation``), KV prefix reuse
 (``prefix_cache``), grammar-constrained decoding (``grammar_constraint``), bounded
 queueing (``admission``), request checks and extra routes.
 
-May import: ``lowbit``, ``common``, the package's adapter. Never imports ``api``,
+May import: ``engine`` (the lean forward it runs), ``lowbit``, ``common``, the package's adapter. Never imports ``api``,
 ``stack`` or ``bench``.
 """

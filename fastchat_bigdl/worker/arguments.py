@@ -9,6 +9,7 @@ from unittest import mock
 from fastchat.serve import model_worker as upstream
 
 from fastchat_bigdl.common.paths import low_bit_cache_dir
+from fastchat_bigdl.engine.selection import FORWARDS
 from fastchat_bigdl.lowbit.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve_backend
 from fastchat_bigdl.lowbit.devices import SUPPORTED_DEVICES
 from fastchat_bigdl.lowbit.formats import UnsupportedFormat, check_format, formats_help
@@ -115,6 +116,14 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="N",
         help="Requests that may wait for a free slot (beyond --limit-worker-concurrency); more "
         f"are answered at once with FastChat's overload error 42903 (default {DEFAULT_MAX_QUEUED}).",
+    )
+    group.add_argument(
+        "--forward",
+        default="auto",
+        choices=FORWARDS,
+        help="Which forward pass decodes: 'lean' is this package's runner for Llama-family models "
+        "on CPU (faster; greedy output independent of batching and prefix reuse), 'hf' the Hugging "
+        "Face forward; 'auto' (default) takes the lean runner where it covers the model.",
     )
     group.add_argument(
         "--trust-remote-code",

@@ -22,6 +22,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker
 from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for
+from fastchat_bigdl.engine.selection import choose_forward
 from fastchat_bigdl.lowbit.backend import resolve_backend
 from fastchat_bigdl.lowbit.devices import empty_cache, place_model, prepare_device, use_physical_cores
 from fastchat_bigdl.lowbit.formats import load_dtype
@@ -86,6 +87,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         stream_interval: int = 2,
         embed_in_truncate: bool = False,
         seed: Optional[int] = None,
+        forward: str = "auto",
     ):
         # ModelWorker.__init__ would load through FastChat's loader; run the base
         # worker's set-up instead and load through the BigDL adapter.
@@ -102,6 +104,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         prepare_device(device)
         self.model_thread = ModelThread()
         self.model_thread.call(use_physical_cores)
+        backend = resolve_backend(low_bit_backend)
         model, self.tokenizer = self.model_thread.call(
             fastchat_bigdl.bigdl_adapter.load_model,
             model_path,
@@ -111,7 +114,7 @@ class BigDLModelWorker(upstream.ModelWorker):
                 "revision": revision,
                 "trust_remote_code": trust_remote_code,
                 "optimize_model": optimize_model,
-                "backend": resolve_backend(low_bit_backend),
+                "backend": backend,
                 "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None,
             },
         )
@@ -123,8 +126,13 @@ class BigDLModelWorker(upstream.ModelWorker):
         self.context_len = get_context_length(self.model.config)
         self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         stream_func = get_generate_stream_function(self.model, model_path)
+        self.runner = None
         if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
-            stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache)
+            self.runner, self.decode_path = choose_forward(self.model, backend, device, forward)
+            stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache, runner=self.runner)
+        else:
+            self.decode_path = f"decode path: the model's own FastChat generate function ({stream_func.__name__})"
+        logger.info(self.decode_path)
         # Every step of every stream on the model's own thread: concurrent streams take turns
         # there chunk by chunk, so no lock around the model is needed.
         stream_func = self.model_thread.generator(stream_func)

@@ -7,6 +7,8 @@ yielded dicts), with three things FastChat's loop lacks:
   output (FastChat re-decodes everything every ``stream_interval`` tokens);
 - stop strings matched on the new text only, including stops that span tokens, and
   text that could still become a stop is held back, never emitted;
+- the lean runner (``engine.llama_runner``) in place of the Hugging Face forward, when
+  the worker has one for its model;
 - an optional ``grammar`` parameter (``grammar_constraint.GrammarConstraint``) that limits
   the output to a grammar and fits it into ``max_new_tokens``, as tool calls need.
 """
@@ -21,6 +23,7 @@ import torch
 from fastchat.serve.inference import prepare_logits_processor
 
 from fastchat_bigdl.common.stop_strings import StopMatcher
+from fastchat_bigdl.engine.llama_runner import LlamaRunner
 from fastchat_bigdl.worker.grammar_constraint import GrammarConstraint
 from fastchat_bigdl.worker.prefix_cache import PrefixCache
 
@@ -70,8 +73,10 @@ def generate_stream(
     judge_sent_end: bool = False,
     prefix_cache: Optional[PrefixCache] = None,
     model_lock: Optional[threading.Lock] = None,
+    runner: Optional[LlamaRunner] = None,
 ) -> Iterator[Dict]:
-    """``model_lock``: for callers that run several of these generators in threads at once
+    """``runner``: computes the logits instead of ``model``'s forward (``model`` still
+    supplies the config). ``model_lock``: for callers that run several of these generators in threads at once
     (the worker does not: it runs them all on its model thread); holding it for each
     forward pass (never across a yield) makes them take turns token by token instead of
     running the model concurrently."""
@@ -119,19 +124,27 @@ def generate_stream(
     emitted = 0
     generated: List[int] = []
     finish_reason = None
-    out = None
+    out = all_logits = None
     try:
         for step in range(max_new_tokens):
+            need_all = step == 0 and echo and logprobs is not None
             with model_lock:
-                out = model(input_ids=torch.as_tensor([pending], device=device), past_key_values=past,
-                            use_cache=True)
-            past = out.past_key_values
+                if runner is not None and step == 0:
+                    if past is None:
+                        past = runner.new_sequence(len(input_ids) + max_new_tokens)
+                    all_logits = runner.prefill(pending, past, all_logits=need_all)
+                elif runner is not None:
+                    all_logits = runner.decode([(pending[0], past)])
+                else:
+                    out = model(input_ids=torch.as_tensor([pending], device=device), past_key_values=past,
+                                use_cache=True)
+                    past, all_logits = out.past_key_values, out.logits[0]
             if history is not None:
                 history[0, len(fed):len(fed) + len(pending)] = torch.as_tensor(pending, dtype=torch.long)
             fed.extend(pending)
-            logits = out.logits[0, -1, :]
-            if step == 0 and echo and logprobs is not None:
-                shifted = torch.log_softmax(out.logits[0, :-1, :].float(), dim=-1)
+            logits = all_logits[-1, :]
+            if need_all:
+                shifted = torch.log_softmax(all_logits[:-1, :].float(), dim=-1)
                 token_logprobs = [None] + shifted.gather(1, torch.as_tensor(input_ids[1:])[:, None])[:, 0].tolist()
                 tokens_text = [tokenizer.decode([t]) for t in input_ids]
             scores = logits
@@ -182,7 +195,7 @@ def generate_stream(
         # ``fed`` is exactly what ``past`` holds; keep it for the next turn.
         if prefix_cache is not None and past is not None and finish_reason is not None:
             prefix_cache.put(fed, past)
-        del past, out
+        del past, out, all_logits
         if str(device).startswith("xpu"):
             torch.xpu.empty_cache()
 

@@ -68,6 +68,7 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
         stream_interval=args.stream_interval,
         embed_in_truncate=args.embed_in_truncate,
         seed=args.seed,
+        forward=args.forward,
     )
 
 

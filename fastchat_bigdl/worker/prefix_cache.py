@@ -1,7 +1,8 @@
 """KV prefix reuse across requests: an agent chat resends its whole history every turn,
 so the next prompt usually starts with the previous prompt and answer.
 
-Entries are (token ids, KV cache) of finished requests, kept LRU under a byte budget.
+Entries are (token ids, KV cache: the lean runner's ``SequenceKV`` or a Hugging Face
+cache) of finished requests, kept LRU under a byte budget.
 A request takes the entry sharing the longest token prefix with its prompt and gets a
 *copy* of that prefix: ipex-llm / bigdl-llm append to their caches in place (into
 preallocated storage), so a stored entry is never handed out, only cloned, and is
@@ -14,6 +15,8 @@ import threading
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
 
+from fastchat_bigdl.engine.kv_cache import SequenceKV
+
 
 def kv_layers(kv):
     """(keys, values) per layer for DynamicCache-style and legacy tuple caches."""
@@ -23,12 +26,23 @@ def kv_layers(kv):
 
 
 def cache_length(kv) -> int:
+    if isinstance(kv, SequenceKV):
+        return kv.length
     layers = kv_layers(kv)
     return layers[0][0].shape[-2] if layers else 0
 
 
+def cache_reusable(kv) -> int:
+    """Leading positions another request may reuse: for the lean runner only those it
+    computed as prompt positions (a generated position is rounded differently, and a
+    cold request would compute it as a prompt position)."""
+    return kv.prefilled if isinstance(kv, SequenceKV) else cache_length(kv)
+
+
 def cache_nbytes(kv) -> int:
     """Bytes held, counting preallocated storage (each storage once)."""
+    if isinstance(kv, SequenceKV):
+        return kv.nbytes
     seen, total = set(), 0
     for keys, values in kv_layers(kv):
         for t in (keys, values):
@@ -41,6 +55,8 @@ def cache_nbytes(kv) -> int:
 
 def cache_prefix(kv, length: int):
     """A new cache of the same kind holding copies of the first ``length`` positions."""
+    if isinstance(kv, SequenceKV):
+        return kv.prefix(length)
     layers = [(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in kv_layers(kv)]
     if not hasattr(kv, "key_cache"):
         return tuple(layers)
@@ -107,7 +123,7 @@ class PrefixCache:
         size = cache_nbytes(kv)
         if size > self.budget_bytes or cache_length(kv) != len(token_ids):
             return
-        ids = tuple(token_ids)
+        ids = tuple(token_ids[:cache_reusable(kv)])
         with self._lock:
             # An entry that is a prefix of the new one is now redundant.
             for key in [k for k, (old, _, _) in self._entries.items() if ids[:len(old)] == old]:

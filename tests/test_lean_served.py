@@ -1,0 +1,109 @@
+"""The lean runner serving the demo model through the real stack: greedy answers that do
+not depend on what else the server does or did, and as close to the model as the
+library's own forward."""
+import concurrent.futures
+import inspect
+import json
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from fastchat_bigdl.stack import demo_model
+from helpers import running_stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.backend]
+
+PROMPTS = [
+    "Name three fruits.",
+    "What is 2+2?",
+    "Tell me a joke about cats.",
+    "Describe the sea in one sentence.",
+    "Why is the sky blue?",
+    "Write a haiku about snow.",
+    "What is Python?",
+    "Give me a tip for sleeping well, and explain in detail why it works, with examples from daily life "
+    "and what to avoid in the evening.",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_path(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    if "rope_theta" not in inspect.signature(LlamaConfig.__init__).parameters:
+        pytest.skip("this transformers ignores rope_theta; the worker refuses SmolLM2 here")
+    return demo_model.ensure_demo_model(tmp_path_factory.mktemp("cache") / "models")
+
+
+def ask(stack, prompt, stream=False, max_tokens=40, **extra):
+    body = {"model": stack.model_name, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream, **extra}
+    r = requests.post(stack.base_url + "/chat/completions", json=body, timeout=300, stream=stream)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return r.json()["choices"][0]["message"]["content"]
+    text = ""
+    for line in r.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def test_greedy_answers_do_not_depend_on_the_cache_or_on_other_requests(demo_path, tmp_path):
+    with running_stack(model_path=str(demo_path), model_name="SmolLM2-135M-Instruct", log_dir=tmp_path) as stack:
+        alone = [ask(stack, p) for p in PROMPTS]  # cold
+        again = [ask(stack, p) for p in PROMPTS]  # the prefix cache now holds every prompt
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(lambda ip: ask(stack, ip[1], stream=ip[0] % 2 == 1), enumerate(PROMPTS)))
+        # a follow-up turn that resends the first exchange reuses its prompt's KV
+        history = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": alone[0]},
+                   {"role": "user", "content": "And three vegetables?"}]
+        body = {"model": stack.model_name, "messages": history, "max_tokens": 40, "temperature": 0}
+        warm = requests.post(stack.base_url + "/chat/completions", json=body, timeout=300).json()
+    log = (tmp_path / "worker.out").read_text()
+    assert "decode path: lean Llama runner" in log
+    assert all(alone), alone
+    assert again == alone
+    assert together == alone
+    with running_stack(model_path=str(demo_path), model_name="SmolLM2-135M-Instruct",
+                       log_dir=tmp_path / "cold") as stack:
+        cold = requests.post(stack.base_url + "/chat/completions", json=body, timeout=300).json()
+    assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+    assert "4" in alone[1]  # the model's answers, not noise
+
+
+def test_the_hugging_face_forward_still_serves_on_request(demo_path, tmp_path):
+    with running_stack(model_path=str(demo_path), model_name="SmolLM2-135M-Instruct", log_dir=tmp_path,
+                       worker_args=["--forward", "hf"]) as stack:
+        answer = ask(stack, "What is the capital of France?", max_tokens=24)
+    assert "decode path: Hugging Face forward (--forward hf)" in (tmp_path / "worker.out").read_text()
+    assert "Paris" in answer
+
+
+def test_runner_is_as_close_to_the_exact_model_as_the_librarys_forward(demo_path):
+    """Against an independent float64 forward of the GGUF (tests/test_demo_model.py):
+    both low-bit forwards carry the re-quantization error (~10 on logits of ~25); the
+    runner must not add to it noticeably, and must pick the library forward's token."""
+    import gguf
+
+    from fastchat_bigdl.engine.selection import choose_forward
+    from fastchat_bigdl.lowbit.backend import resolve_backend
+    from fastchat_bigdl.lowbit.loader import load_low_bit_model
+    from test_demo_model import gguf_reference_logits
+
+    reader = gguf.GGUFReader(str(demo_model.demo_gguf_path()))
+    model, tokenizer = load_low_bit_model(str(demo_path))
+    runner, line = choose_forward(model, resolve_backend(), "cpu")
+    assert runner is not None, line
+    for prompt in ["The capital of France is",
+                   "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+                   "def fibonacci(n):\n    "]:
+        ids = tokenizer(prompt).input_ids
+        exact = gguf_reference_logits(reader, ids)[-1]
+        with torch.inference_mode():
+            library = model(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
+            ours = runner.prefill(ids, runner.new_sequence())[-1].double().numpy()
+        assert np.abs(ours - exact).mean() <= 1.2 * np.abs(library - exact).mean(), prompt
+        assert ours.argmax() == library.argmax(), prompt
