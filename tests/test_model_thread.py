@@ -40,6 +40,7 @@ def test_errors_raised_on_the_model_thread_reach_the_caller():
 @pytest.mark.parametrize("forward", ["lean", "hf"])
 def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, forward):
     import fastchat_bigdl
+    from fastchat_bigdl.worker import bigdl_worker
     from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 
     threads = {}
@@ -50,6 +51,13 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, 
         return load(*args, **kwargs)
 
     mocker.patch.object(fastchat_bigdl.bigdl_adapter, "load_model", side_effect=recording_load)
+    choose = bigdl_worker.choose_forward
+
+    def recording_choose(*args, **kwargs):  # builds the runner: runs the kernels (its probes)
+        threads["choose"] = threading.current_thread().name
+        return choose(*args, **kwargs)
+
+    mocker.patch.object(bigdl_worker, "choose_forward", side_effect=recording_choose)
     worker = BigDLModelWorker("http://127.0.0.1:1", "http://127.0.0.1:2", "w", str(tiny_llama), None, 2,
                               no_register=True, low_bit_cache=None, forward=forward)
     assert (worker.runner is not None) == (forward == "lean")
@@ -75,3 +83,4 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, 
         t.start()
         t.join()
     assert chunks and threads["load"].startswith("model") and threads["forward"] == {threads["load"]}
+    assert threads["choose"] == threads["load"]

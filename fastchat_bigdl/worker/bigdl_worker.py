@@ -128,7 +128,10 @@ class BigDLModelWorker(upstream.ModelWorker):
         stream_func = get_generate_stream_function(self.model, model_path)
         self.runner = None
         if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
-            self.runner, self.decode_path = choose_forward(self.model, backend, device, forward)
+            # On the model thread: building the runner runs the kernels (its probes), and a
+            # second thread running them slows every later step (see model_thread).
+            self.runner, self.decode_path = self.model_thread.call(choose_forward, self.model, backend, device,
+                                                                   forward)
             stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache, runner=self.runner)
         else:
             self.decode_path = f"decode path: the model's own FastChat generate function ({stream_func.__name__})"
