@@ -116,6 +116,13 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
         ours["decode"]["tok_s"] / report["profile"]["tok_s"]["kernel_ceiling"])
     assert "one token in-process: low-bit linears" in out.stdout and "serving adds" in out.stdout
     assert "avx2" in report["machine"]["cpu"] or "no AVX2" in report["machine"]["cpu"]
+    # the concurrency sweep (--quick: 1 and 2 streams at once), ours only
+    sweep = ours["concurrency"]
+    assert [r["streams"] for r in sweep] == [1, 2] and all(not r["errors"] for r in sweep)
+    assert all(r["aggregate_tok_s"] > 0 and r["gap_p99_ms"] >= r["gap_p50_ms"] > 0 for r in sweep)
+    assert sweep[1]["tokens"] > sweep[0]["tokens"]  # two streams' worth of answers
+    assert report["stacks"][bench_settings.STOCK]["concurrency"] == []
+    assert " 2 streams at once:" in out.stdout
 
 
 # --- bench --against llama-cpp: the plumbing, with llama.cpp replaced -----------------------
@@ -194,12 +201,17 @@ def test_against_llama_cpp_compares_the_demo_gguf_with_its_converted_checkpoint(
     from fastchat_bigdl.stack.demo_model import DEMO_GGUF, DEMO_NAME
 
     args = argparse.Namespace(model_path=None, gguf=None, against=["llama-cpp"], quick=True, low_bit="sym_int4",
-                              turns=None, out=str(tmp_path), profile=False)
+                              turns=None, out=str(tmp_path), profile=False, concurrency=None)
     s = bench_main.settings_from_args(args)
     assert s.gguf_path.endswith(DEMO_GGUF) and Path(s.model_path).name == DEMO_NAME
     assert s.conv_template is None and s.prompt_style == "english"  # both use the model's ChatML template
     assert s.shape.hidden == 576 and s.shape.layers == 30  # SmolLM2-135M, read from the converted config
     assert s.shape.tied_embeddings and 130e6 < s.shape.params < 140e6  # its lm_head is the embedding
+    assert s.concurrency == (1, 2)
+    assert bench_main.concurrency_levels("1,4,8", quick=False) == (1, 4, 8)
+    assert bench_main.concurrency_levels("0", quick=False) == ()
+    with pytest.raises(SystemExit, match="numbers like 1,2,4,8"):
+        bench_main.concurrency_levels("two", quick=False)
     with pytest.raises(SystemExit, match="needs --gguf"):
         bench_main.settings_from_args(argparse.Namespace(**{**vars(args), "model_path": "/some/model"}))
 

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoTokenizer
 
 from fastchat_bigdl.lowbit.devices import use_physical_cores
-from fastchat_bigdl.worker.generation import IncrementalDecoder, StopMatcher, generate_stream
+from fastchat_bigdl.engine.scheduler import Engine
+from fastchat_bigdl.worker.generation import IncrementalDecoder, StopMatcher, generate_stream, token_loop
 
 
 class ScriptedLM:
@@ -156,7 +157,9 @@ def test_torch_uses_one_thread_per_physical_core_unless_told(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_concurrent_streams_take_turns_on_the_model(tok):
+def test_concurrent_streams_take_turns_on_the_engine_thread(tok):
+    """Five clients at once: every model call runs on the engine's one thread, never two
+    at a time, and every stream gets its full answer."""
     import threading
     import time
 
@@ -165,6 +168,7 @@ def test_concurrent_streams_take_turns_on_the_model(tok):
         guard = threading.Lock()
 
         def __call__(self, *args, **kwargs):
+            assert threading.current_thread().name == "model"
             with Tracking.guard:
                 Tracking.active += 1
                 Tracking.peak = max(Tracking.peak, Tracking.active)
@@ -175,14 +179,14 @@ def test_concurrent_streams_take_turns_on_the_model(tok):
                 with Tracking.guard:
                     Tracking.active -= 1
 
-    lock = threading.Lock()
+    engine = Engine()
+    stream = engine.streamer(token_loop)
     ids = tok("one two three four five six", add_special_tokens=False).input_ids
     results = []
 
     def one():
         params = {"prompt": "hello", "temperature": 0, "max_new_tokens": len(ids), "echo": False}
-        *_, last = generate_stream(Tracking(len(tok), ids, eos=tok.eos_token_id), tok, params, "cpu", 4096,
-                                   model_lock=lock)
+        *_, last = stream(Tracking(len(tok), ids, eos=tok.eos_token_id), tok, params, "cpu", 4096)
         results.append(last["text"])
 
     threads = [threading.Thread(target=one) for _ in range(5)]

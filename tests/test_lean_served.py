@@ -11,7 +11,7 @@ import requests
 import torch
 
 from fastchat_bigdl.stack import demo_model
-from helpers import running_stack
+from helpers import running_stack, worker_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend]
 
@@ -55,8 +55,10 @@ def test_greedy_answers_do_not_depend_on_the_cache_or_on_other_requests(demo_pat
     with running_stack(model_path=str(demo_path), model_name="SmolLM2-135M-Instruct", log_dir=tmp_path) as stack:
         alone = [ask(stack, p) for p in PROMPTS]  # cold
         again = [ask(stack, p) for p in PROMPTS]  # the prefix cache now holds every prompt
+        before = requests.post(worker_address(stack) + "/worker_engine_stats", timeout=10).json()
         with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
             together = list(pool.map(lambda ip: ask(stack, ip[1], stream=ip[0] % 2 == 1), enumerate(PROMPTS)))
+        after = requests.post(worker_address(stack) + "/worker_engine_stats", timeout=10).json()
         # a follow-up turn that resends the first exchange reuses its prompt's KV
         history = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": alone[0]},
                    {"role": "user", "content": "And three vegetables?"}]
@@ -67,6 +69,9 @@ def test_greedy_answers_do_not_depend_on_the_cache_or_on_other_requests(demo_pat
     assert all(alone), alone
     assert again == alone
     assert together == alone
+    assert before["rows_per_step"] == 1  # alone: one stream a step
+    rows, steps = after["decode_rows"] - before["decode_rows"], after["decode_steps"] - before["decode_steps"]
+    assert rows / steps > 2  # together: the streams shared batched steps
     with running_stack(model_path=str(demo_path), model_name="SmolLM2-135M-Instruct",
                        log_dir=tmp_path / "cold") as stack:
         cold = requests.post(stack.base_url + "/chat/completions", json=body, timeout=300).json()

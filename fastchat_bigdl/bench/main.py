@@ -115,6 +115,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="Also break one generated token's time down in-process (low-bit linears, attention, "
                              "other ops, the token loop) and relate the API's decode speed to it")
+    parser.add_argument("--concurrency", default=None, metavar="N,N,...",
+                        help="Streams at once for the concurrency sweep of this package's stack "
+                             "(default 1,2,4,8,16; --quick 1,2; 0 skips it)")
     parser.add_argument("--gguf", default=None,
                         help="The GGUF llama.cpp runs (default with --against llama-cpp: the demo model's); "
                              "--model-path must then be the same model as a Hugging Face checkpoint")
@@ -141,7 +144,20 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         conv_template=None if real_model else CONV_TEMPLATE,
         prompt_style="english" if real_model else "words",
         against=against, gguf_path=gguf, profile=args.profile,
+        concurrency=concurrency_levels(args.concurrency, quick),
     )
+
+
+def concurrency_levels(text: Optional[str], quick: bool) -> tuple:
+    if text is None:
+        return (1, 2) if quick else (1, 2, 4, 8, 16)
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SystemExit(f"fastchat-bigdl bench: --concurrency takes numbers like 1,2,4,8, not {text!r}")
+    if any(n < 0 for n in levels):
+        raise SystemExit("fastchat-bigdl bench: --concurrency levels must be positive")
+    return tuple(n for n in levels if n > 0)
 
 
 def main_args(args: argparse.Namespace) -> int:

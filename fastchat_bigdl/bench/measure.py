@@ -2,9 +2,11 @@
 HTTP, and record time to first token, decode speed, the agent replay and memory."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -24,6 +26,7 @@ class StackResult:
     decode: List[dict] = field(default_factory=list)
     replay: List[dict] = field(default_factory=list)
     peak_rss_mb: Optional[float] = None
+    concurrency: List[dict] = field(default_factory=list)
 
 
 def measure_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -59,6 +62,58 @@ def stream_chat(base_url: str, model: str, messages: List[dict], max_tokens: int
                 text += delta
     ended = time.perf_counter()
     return (first or ended) - started, ended - started, text
+
+
+def timed_stream(base_url: str, model: str, messages: List[dict], max_tokens: int) -> Tuple[List[float], str, str]:
+    """(arrival time of each content chunk, text, error or "") of one streamed chat."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    arrivals, text = [], ""
+    try:
+        with requests.post(base_url + "/chat/completions", json=body, stream=True, timeout=1800) as r:
+            if r.status_code != 200:
+                return arrivals, text, f"HTTP {r.status_code}: {r.text[:200]}"
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error_code" in chunk:
+                    return arrivals, text, f"error {chunk['error_code']}"
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    arrivals.append(time.perf_counter())
+                    text += delta
+    except requests.RequestException as exc:
+        return arrivals, text, str(exc)
+    return arrivals, text, ""
+
+
+def concurrency_sweep(s: BenchSettings, base_url: str, model: str, count: Callable[[str], int],
+                      progress) -> List[dict]:
+    """``n`` clients streaming at once, for each ``n`` of ``s.concurrency``: aggregate and
+    per-stream decode speed, gaps between chunks, errors."""
+    results = []
+    for n in s.concurrency:
+        chats = [[{"role": "system", "content": SYSTEM},
+                  {"role": "user", "content": prompt(s, s.prompt_tokens // 4, 5000 + n * 100 + i)}] for i in range(n)]
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            runs = list(pool.map(lambda m: timed_stream(base_url, model, m, s.max_tokens), chats))
+        wall = time.perf_counter() - started
+        tokens = [count(text) for _, text, _ in runs]
+        gaps = sorted(b - a for arrivals, _, _ in runs for a, b in zip(arrivals, arrivals[1:]))
+        per_stream = [(t - 1) / (a[-1] - a[0]) for t, (a, _, _) in zip(tokens, runs) if t > 1 and len(a) > 1 and a[-1] > a[0]]
+        results.append({
+            "streams": n, "wall_s": wall, "tokens": sum(tokens), "aggregate_tok_s": sum(tokens) / wall,
+            "per_stream_tok_s": statistics.median(per_stream) if per_stream else None,
+            "gap_p50_ms": 1e3 * gaps[len(gaps) // 2] if gaps else None,
+            "gap_p99_ms": 1e3 * gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] if gaps else None,
+            "errors": [e for _, _, e in runs if e],
+        })
+        r = results[-1]
+        progress(f"    {n} streams at once: {r['aggregate_tok_s']:.1f} tok/s in all, "
+                 f"{r['per_stream_tok_s'] or 0:.1f} per stream, p99 gap {r['gap_p99_ms'] or 0:.0f} ms, "
+                 f"{len(r['errors'])} errors")
+    return results
 
 
 def peak_rss_mb(pid: int) -> Optional[float]:
@@ -137,6 +192,8 @@ def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: O
                 chat = functools.partial(stream_chat, stack.base_url, model_name)
                 result.decode = decode_runs(s, chat, count, progress)
                 result.replay = agent_replay(s, chat, count, progress)
+                if low_bit and s.concurrency:  # the stock worker takes turns: minutes for nothing new
+                    result.concurrency = concurrency_sweep(s, stack.base_url, model_name, count, progress)
                 result.peak_rss_mb = peak_rss_mb(stack.child("worker").proc.pid)
         finally:
             stack.stop()

@@ -36,6 +36,7 @@ def summarize(result: StackResult, shape: LlamaShape, bandwidth_gbs: float) -> d
         "replay": replay,
         "replay_ttft_last_over_first": replay[-1]["ttft_s"] / replay[0]["ttft_s"] if replay else None,
         "peak_rss_mb": result.peak_rss_mb,
+        "concurrency": result.concurrency,
         "roofline": {"bytes_per_token": bytes_per_token, "tok_s": roofline,
                      "percent": 100 * tok_s / roofline if tok_s else None},
     }
@@ -86,6 +87,12 @@ def targets(report: dict) -> dict:
         "cached start >= 5x faster (model load)": (ratios["cached_model_load_speedup"], 5.0, "ge"),
         "roofline >= 50%": (ours["roofline"]["percent"], 50.0, "ge"),
     }
+    sweep = {r["streams"]: r for r in ours.get("concurrency") or []}
+    if 8 in sweep:
+        checks["8 streams: no errors"] = (len(sweep[8]["errors"]), 0, "le")
+    if "profile" in report and 8 in sweep:
+        checks["8 streams aggregate >= 0.85x kernel ceiling"] = (
+            sweep[8]["aggregate_tok_s"] / report["profile"]["tok_s"]["kernel_ceiling"], 0.85, "ge")
     if "profile" in report:
         checks["API decode >= 0.85x kernel ceiling"] = (ratios["api_decode_over_kernel_ceiling"], 0.85, "ge")
         checks["API decode >= 0.9x in-process"] = (ratios["api_decode_over_in_process"], 0.9, "ge")
@@ -152,6 +159,10 @@ def format_table(report: dict) -> str:
         if api:
             out.append(f"through the API {1000 / api:.1f} ms a token: serving adds "
                        f"{1000 / api - ms['token_loop']:.1f} ms")
+    for r in ours.get("concurrency") or []:
+        out.append(f"{r['streams']:2d} streams at once: {f(r['aggregate_tok_s'], '{:.1f}')} tok/s in all, "
+                   f"{f(r['per_stream_tok_s'], '{:.1f}')} per stream, gap p50 {f(r['gap_p50_ms'], '{:.0f}')} ms / "
+                   f"p99 {f(r['gap_p99_ms'], '{:.0f}')} ms, {len(r['errors'])} errors")
     for name, t in report["targets"].items():
         out.append(f"target {name}: {f(t['value'])} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(out)

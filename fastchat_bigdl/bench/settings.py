@@ -43,6 +43,7 @@ class BenchSettings:
     against: Tuple[str, ...] = ()
     gguf_path: Optional[str] = None
     profile: bool = False
+    concurrency: Tuple[int, ...] = ()  # streams at once, for the sweep (ours only)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 

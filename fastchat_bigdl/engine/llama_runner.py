@@ -107,9 +107,11 @@ class LlamaRunner:
             raise ValueError(f"{end} positions exceed the model's context of {self.shape.context}")
 
     @torch.inference_mode()
-    def prefill(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False,
+                next_logits: bool = True) -> Optional[torch.Tensor]:
         """Feed prompt ``tokens`` after the ``kv.length`` positions already in ``kv``;
-        returns the logits of the last token [1, vocab], or of every token fed."""
+        returns the logits of the last token [1, vocab], or of every token fed
+        (``all_logits``), or nothing (``next_logits=False``: more of the prompt follows)."""
         start, end = kv.length, kv.length + len(tokens)
         if not tokens:
             raise ValueError("nothing to prefill")
@@ -128,10 +130,11 @@ class LlamaRunner:
             last = out[hi - base - 1:hi - base]
         kv.length = kv.prefilled = end
         # The next token always comes from a one-row call: the same with or without all_logits.
-        next_logits = self._logits(last)
+        following = self._logits(last) if next_logits else None
         if not all_logits:
-            return next_logits
-        logits[-1][-1:] = next_logits
+            return following
+        if following is not None:
+            logits[-1][-1:] = following
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     @torch.inference_mode()

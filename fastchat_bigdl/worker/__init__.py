@@ -1,10 +1,9 @@
 """Everything that runs inside the ``--bigdl_load`` worker process: FastChat's
 ``ModelWorker`` extended to serve a low-bit model (``bigdl_worker``), its command line
-(``arguments``, ``main``), the thread that owns the model (``model_thread``), the token
-loop (``generation``), KV prefix reuse
-(``prefix_cache``), grammar-constrained decoding (``grammar_constraint``), bounded
+(``arguments``, ``main``), the token loop of one request (``generation``), KV prefix
+reuse (``prefix_cache``), grammar-constrained decoding (``grammar_constraint``), bounded
 queueing (``admission``), request checks and extra routes.
 
-May import: ``engine`` (the lean forward it runs), ``lowbit``, ``common``, the package's adapter. Never imports ``api``,
-``stack`` or ``bench``.
+May import: ``engine`` (the thread that runs every loop, the lean forward), ``lowbit``,
+``common``, the package's adapter. Never imports ``api``, ``stack`` or ``bench``.
 """

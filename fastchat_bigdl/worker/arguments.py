@@ -17,6 +17,9 @@ from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 
 DEFAULT_PREFIX_CACHE_MB = 1024
 DEFAULT_MAX_QUEUED = 64
+# --limit-worker-concurrency with --bigdl_load (FastChat's own default is 5): the engine
+# batches the decode steps of the streams that run, up to 16 rows a kernel call.
+DEFAULT_CONCURRENCY = 16
 
 # Upstream options that select another loader; they cannot be combined with --bigdl_load.
 CONFLICTING_OPTIONS = {

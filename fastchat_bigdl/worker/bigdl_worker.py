@@ -22,6 +22,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker
 from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for
+from fastchat_bigdl.engine.scheduler import Engine
 from fastchat_bigdl.engine.selection import choose_forward
 from fastchat_bigdl.lowbit.backend import resolve_backend
 from fastchat_bigdl.lowbit.devices import empty_cache, place_model, prepare_device, use_physical_cores
@@ -29,8 +30,7 @@ from fastchat_bigdl.lowbit.formats import load_dtype
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
-from fastchat_bigdl.worker.generation import generate_stream
-from fastchat_bigdl.worker.model_thread import ModelThread
+from fastchat_bigdl.worker.generation import token_loop
 from fastchat_bigdl.worker.prefix_cache import PrefixCache
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
@@ -102,10 +102,11 @@ class BigDLModelWorker(upstream.ModelWorker):
             conv_template=conv_template,
         )
         prepare_device(device)
-        self.model_thread = ModelThread()
-        self.model_thread.call(use_physical_cores)
+        # One thread loads the model and runs every step of every stream (engine.scheduler).
+        self.engine = Engine(name="model")
+        self.engine.call(use_physical_cores)
         backend = resolve_backend(low_bit_backend)
-        model, self.tokenizer = self.model_thread.call(
+        model, self.tokenizer = self.engine.call(
             fastchat_bigdl.bigdl_adapter.load_model,
             model_path,
             {
@@ -118,7 +119,7 @@ class BigDLModelWorker(upstream.ModelWorker):
                 "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None,
             },
         )
-        self.model = self.model_thread.call(place_model, model, device)
+        self.model = self.engine.call(place_model, model, device)
         self.device = device
         self.low_bit = low_bit
         if self.tokenizer.pad_token is None:
@@ -128,17 +129,17 @@ class BigDLModelWorker(upstream.ModelWorker):
         stream_func = get_generate_stream_function(self.model, model_path)
         self.runner = None
         if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
-            # On the model thread: building the runner runs the kernels (its probes), and a
-            # second thread running them slows every later step (see model_thread).
-            self.runner, self.decode_path = self.model_thread.call(choose_forward, self.model, backend, device,
-                                                                   forward)
-            stream_func = functools.partial(generate_stream, prefix_cache=self.prefix_cache, runner=self.runner)
+            # On the engine thread: building the runner runs the kernels (its probes), and
+            # kernels run from a second thread slow every later step.
+            self.runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, device, forward)
+            self.engine.runner = self.runner
+            # Every stream's loop on the engine thread; its decode steps batched with the others'.
+            stream_func = self.engine.streamer(functools.partial(token_loop, prefix_cache=self.prefix_cache,
+                                                                 runner=self.runner))
         else:
             self.decode_path = f"decode path: the model's own FastChat generate function ({stream_func.__name__})"
+            stream_func = self.engine.streamer(stream_func, batched=False)  # chunk by chunk, in turns
         logger.info(self.decode_path)
-        # Every step of every stream on the model's own thread: concurrent streams take turns
-        # there chunk by chunk, so no lock around the model is needed.
-        stream_func = self.model_thread.generator(stream_func)
         self.generate_stream_func = report_failures(guard_out_of_memory(stream_func))
         self.stream_interval = stream_interval
         self.embed_in_truncate = embed_in_truncate

@@ -1,5 +1,7 @@
 """The worker's token loop: FastChat's ``generate_stream`` contract (same params, same
-yielded dicts), with three things FastChat's loop lacks:
+yielded dicts), written as a loop that hands its model calls to whoever drives it (the
+worker's engine, which batches them across streams, or ``generate_stream`` directly),
+with what FastChat's loop lacks:
 
 - KV prefix reuse (``prefix_cache.PrefixCache``): only the part of the prompt not seen in an
   earlier request is prefilled;
@@ -14,9 +16,8 @@ yielded dicts), with three things FastChat's loop lacks:
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
-import threading
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -24,6 +25,7 @@ from fastchat.serve.inference import prepare_logits_processor
 
 from fastchat_bigdl.common.stop_strings import StopMatcher
 from fastchat_bigdl.engine.llama_runner import LlamaRunner
+from fastchat_bigdl.engine.requests import Compute, Decode, Prefill
 from fastchat_bigdl.worker.grammar_constraint import GrammarConstraint
 from fastchat_bigdl.worker.prefix_cache import PrefixCache
 
@@ -56,13 +58,17 @@ class IncrementalDecoder:
         return ""
 
 
+@torch.inference_mode()
+def _hf_forward(model, tokens: List[int], past, device: str):
+    return model(input_ids=torch.as_tensor([tokens], device=device), past_key_values=past, use_cache=True)
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> int:
     if temperature < 1e-5 or top_p < 1e-8:  # greedy, as FastChat
         return int(torch.argmax(logits))
     return int(torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1))
 
 
-@torch.inference_mode()
 def generate_stream(
     model,
     tokenizer,
@@ -72,15 +78,47 @@ def generate_stream(
     stream_interval: int = 2,
     judge_sent_end: bool = False,
     prefix_cache: Optional[PrefixCache] = None,
-    model_lock: Optional[threading.Lock] = None,
     runner: Optional[LlamaRunner] = None,
 ) -> Iterator[Dict]:
-    """``runner``: computes the logits instead of ``model``'s forward (``model`` still
-    supplies the config). ``model_lock``: for callers that run several of these generators in threads at once
-    (the worker does not: it runs them all on its model thread); holding it for each
-    forward pass (never across a yield) makes them take turns token by token instead of
-    running the model concurrently."""
-    model_lock = model_lock or contextlib.nullcontext()
+    """FastChat's ``generate_stream`` contract, run here on the calling thread: the token
+    loop's model calls are answered directly (the worker's engine answers them instead,
+    batched with other streams)."""
+    loop = token_loop(model, tokenizer, params, device, context_len, stream_interval, judge_sent_end,
+                      prefix_cache, runner)
+    reply = None
+    try:
+        while True:
+            item = loop.send(reply)
+            reply = None
+            if isinstance(item, Prefill):
+                reply = runner.prefill(item.tokens, item.kv, all_logits=item.all_logits)
+            elif isinstance(item, Decode):
+                reply = runner.decode([(item.token, item.kv)])
+            elif isinstance(item, Compute):
+                reply = item.fn()
+            else:
+                yield item
+    except StopIteration:
+        return
+    finally:
+        loop.close()
+
+
+@torch.inference_mode()
+def token_loop(
+    model,
+    tokenizer,
+    params: Dict,
+    device: str,
+    context_len: int,
+    stream_interval: int = 2,
+    judge_sent_end: bool = False,
+    prefix_cache: Optional[PrefixCache] = None,
+    runner: Optional[LlamaRunner] = None,
+) -> Iterator:
+    """The loop of one request: yields output chunks (dicts, FastChat's contract) and the
+    model calls it needs (``engine.requests``: ``Prefill``/``Decode`` for the lean
+    ``runner``, ``Compute`` for ``model``'s forward), whose answers come back by ``send``."""
     prompt = params["prompt"]
     temperature = float(params.get("temperature", 1.0))
     repetition_penalty = float(params.get("repetition_penalty", 1.0))
@@ -128,17 +166,15 @@ def generate_stream(
     try:
         for step in range(max_new_tokens):
             need_all = step == 0 and echo and logprobs is not None
-            with model_lock:
-                if runner is not None and step == 0:
-                    if past is None:
-                        past = runner.new_sequence(len(input_ids) + max_new_tokens)
-                    all_logits = runner.prefill(pending, past, all_logits=need_all)
-                elif runner is not None:
-                    all_logits = runner.decode([(pending[0], past)])
-                else:
-                    out = model(input_ids=torch.as_tensor([pending], device=device), past_key_values=past,
-                                use_cache=True)
-                    past, all_logits = out.past_key_values, out.logits[0]
+            if runner is not None and step == 0:
+                if past is None:
+                    past = runner.new_sequence(len(input_ids) + max_new_tokens)
+                all_logits = yield Prefill(list(pending), past, need_all)
+            elif runner is not None:
+                all_logits = yield Decode(pending[0], past)
+            else:
+                out = yield Compute(functools.partial(_hf_forward, model, pending, past, device))
+                past, all_logits = out.past_key_values, out.logits[0]
             if history is not None:
                 history[0, len(fed):len(fed) + len(pending)] = torch.as_tensor(pending, dtype=torch.long)
             fed.extend(pending)

@@ -26,7 +26,7 @@ from fastchat_bigdl.lowbit.devices import DeviceUnavailable, use_physical_cores
 from fastchat_bigdl.lowbit.gguf_checkpoint import ensure_checkpoint, is_gguf, served_name
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.worker.admission import AdmissionControl
-from fastchat_bigdl.worker.arguments import build_parser, own_options_given, validate_bigdl_args
+from fastchat_bigdl.worker.arguments import DEFAULT_CONCURRENCY, build_parser, own_options_given, validate_bigdl_args
 from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 from fastchat_bigdl.worker.request_checks import WORKER_CHECKS
 from fastchat_bigdl.worker.routes import extra_worker_routes
@@ -76,7 +76,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Upstream defaults --device to cuda; in low-bit mode an unset device means cpu.
     parser = build_parser()
-    parser.set_defaults(device=None)
+    # Upstream's defaults, unless low-bit mode has its own: an unset device means cpu there,
+    # and the engine batches concurrent streams, so more may run at once.
+    parser.set_defaults(device=None, limit_worker_concurrency=None)
     with plain_console():
         args = parser.parse_args(argv)
         given = [] if args.bigdl_load else own_options_given(argv)
@@ -84,6 +86,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             parser.error(f"{', '.join(given)} only applies with --bigdl_load")
         if args.bigdl_load:
             args.device = args.device or "cpu"
+            if args.limit_worker_concurrency is None:
+                args.limit_worker_concurrency = DEFAULT_CONCURRENCY
             validate_bigdl_args(parser, args)
     log_to_file(f"model_worker_{upstream.worker_id}.log")
     if not args.bigdl_load:

@@ -2,14 +2,15 @@
 request thread asks (a model run on another thread than the one that loaded it decodes
 about a third slower on CPU)."""
 import threading
+import time
 
 import pytest
 
-from fastchat_bigdl.worker.model_thread import ModelThread
+from fastchat_bigdl.engine.scheduler import Engine
 
 
 def test_a_generator_is_created_advanced_and_closed_on_the_model_thread():
-    runner, seen = ModelThread(), []
+    engine, seen = Engine(), []
 
     def counting():
         try:
@@ -19,9 +20,13 @@ def test_a_generator_is_created_advanced_and_closed_on_the_model_thread():
         finally:
             seen.append(("closed", threading.current_thread().name))
 
-    stepped = runner.generator(counting)()
+    stepped = engine.streamer(counting, batched=False)()
     assert [next(stepped), next(stepped)] == [0, 1]
     stepped.close()  # the client went away after two chunks
+    for _ in range(100):  # the engine closes it at its next turn
+        if seen[-1][0] == "closed":
+            break
+        time.sleep(0.01)
     names = {name for _, name in seen}
     assert len(names) == 1 and names.pop().startswith("model") and seen[-1][0] == "closed"
 
@@ -31,7 +36,7 @@ def test_errors_raised_on_the_model_thread_reach_the_caller():
         yield 1
         raise KeyError("boom")
 
-    stepped = ModelThread().generator(failing)()
+    stepped = Engine().streamer(failing, batched=False)()
     assert next(stepped) == 1
     with pytest.raises(KeyError, match="boom"):
         next(stepped)
@@ -84,3 +89,18 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, 
         t.join()
     assert chunks and threads["load"].startswith("model") and threads["forward"] == {threads["load"]}
     assert threads["choose"] == threads["load"]
+
+
+def test_a_failing_engine_turn_fails_its_streams_and_the_engine_serves_on(mocker):
+    engine = Engine()
+
+    def loop():
+        yield "first chunk"
+        yield "second chunk"
+
+    mocker.patch.object(engine, "_advance", side_effect=RuntimeError("engine bug"))
+    with pytest.raises(RuntimeError, match="engine bug"):
+        list(engine.streamer(loop)())
+    mocker.stopall()
+    assert list(engine.streamer(loop)()) == ["first chunk", "second chunk"]
+    assert engine.call(lambda: threading.current_thread().name) == "model"
