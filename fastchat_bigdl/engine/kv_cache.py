@@ -24,7 +24,9 @@ class SequenceKV:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = GROWTH_QUANTUM,
                  dtype: torch.dtype = torch.float32, limit: int = 0):
         self.limit = limit  # the model's context length: never allocate beyond it (0 = none)
-        self.data = torch.empty(layers, 2, kv_heads, self._capped(_round_up(max(1, capacity))), head_dim,
+        # Zeroed, not empty: a prefill block attends over positions not written yet (masked;
+        # 0 x garbage could be NaN).
+        self.data = torch.zeros(layers, 2, kv_heads, self._capped(_round_up(max(1, capacity))), head_dim,
                                 dtype=dtype)
         self.length = 0
         self.prefilled = 0
@@ -45,7 +47,7 @@ class SequenceKV:
         if positions <= self.capacity:
             return
         grown = self._capped(_round_up(max(positions, 2 * self.capacity)))
-        data = torch.empty(*self.data.shape[:3], max(grown, positions), self.data.shape[4], dtype=self.data.dtype)
+        data = torch.zeros(*self.data.shape[:3], max(grown, positions), self.data.shape[4], dtype=self.data.dtype)
         data[:, :, :, :self.length] = self.data[:, :, :, :self.length]
         self.data = data
 
@@ -65,7 +67,7 @@ class SequenceKV:
         """A private copy of the first ``length`` positions (room for more to come)."""
         copy = SequenceKV.__new__(SequenceKV)
         copy.limit = self.limit
-        copy.data = torch.empty(*self.data.shape[:3], self._capped(_round_up(max(1, length) + GROWTH_QUANTUM)),
+        copy.data = torch.zeros(*self.data.shape[:3], self._capped(_round_up(max(1, length) + GROWTH_QUANTUM)),
                                 self.data.shape[4], dtype=self.data.dtype)
         copy.data[:, :, :, :length] = self.data[:, :, :, :length]
         copy.length = length

@@ -116,7 +116,7 @@ class LlamaRunner:
         if not tokens:
             raise ValueError("nothing to prefill")
         self._check_room(end)
-        kv.reserve(end)
+        kv.reserve(-(-end // PREFILL_BLOCK) * PREFILL_BLOCK)  # the last block attends over all its keys
         logits: List[torch.Tensor] = []
         for base in range(start - start % PREFILL_BLOCK, end, PREFILL_BLOCK):
             lo, hi = max(start, base), min(end, base + PREFILL_BLOCK)
@@ -124,7 +124,8 @@ class LlamaRunner:
             ids[lo - base:hi - base] = torch.as_tensor(tokens[lo - start:hi - start], dtype=torch.long)
             positions = torch.arange(base, base + PREFILL_BLOCK)
             rows = range(lo - base, hi - base)
-            out = self._layers(F.embedding(ids, self.embed), positions, [(kv, row) for row in rows])
+            out = self._layers(F.embedding(ids, self.embed), positions, [(kv, row) for row in rows],
+                               block=(kv, self._block_mask(base)))
             if all_logits:  # the whole block through lm_head too, so its rows round the same in any split
                 logits.append(self._logits(out)[lo - base:hi - base])
             last = out[hi - base - 1:hi - base]
@@ -157,10 +158,22 @@ class LlamaRunner:
         s = self.shape
         return self.lm_head(F.rms_norm(hidden, (s.hidden,), self.final_norm, s.norm_eps))
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, stored: List[Tuple[SequenceKV, int]]) -> torch.Tensor:
+    def _block_mask(self, base: int) -> torch.Tensor:
+        """Which keys each row of the prefill block at ``base`` sees: causal (and the
+        sliding window), over the keys [0, base + PREFILL_BLOCK)."""
+        query = torch.arange(base, base + PREFILL_BLOCK)[:, None]
+        key = torch.arange(base + PREFILL_BLOCK)[None, :]
+        allowed = key <= query
+        if self.shape.sliding_window:
+            allowed &= key > query - self.shape.sliding_window
+        return allowed
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, stored: List[Tuple[SequenceKV, int]],
+                block: Optional[Tuple[SequenceKV, torch.Tensor]] = None) -> torch.Tensor:
         """Run every layer over the rows of ``x`` (row i at ``positions[i]``); the rows in
         ``stored`` (sequence, row) write their keys and values and get attention, the
-        others only fill the call (their outputs are garbage and never read)."""
+        others only fill the call (their outputs are garbage and never read). ``block``:
+        a prefill block of one sequence and its mask, attended in one call."""
         s = self.shape
         n = x.shape[0]
         heads, kv_heads, dim = s.heads, s.kv_heads, s.head_dim
@@ -185,7 +198,10 @@ class LlamaRunner:
             else:
                 for kv, row, position in where:
                     kv.write(index, position, qk[row:row + 1, heads:], qkv[row:row + 1, heads + kv_heads:])
-            self._attend(index, qk, where, attn)
+            if block is not None:
+                self._attend_block(index, qk, block[0], block[1], attn)
+            else:
+                self._attend(index, qk, where, attn)
             x = x + layer.o(attn)
             h = F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps)
             act = F.silu(layer.gate(h))
@@ -207,3 +223,16 @@ class LlamaRunner:
             out = F.scaled_dot_product_attention(q, kv.keys(index, first, stop)[None],
                                                  kv.values(index, first, stop)[None])
             attn[row] = out.view(-1)
+
+    def _attend_block(self, index: int, qk: torch.Tensor, kv: SequenceKV, mask: torch.Tensor,
+                      attn: torch.Tensor) -> None:
+        """Attention of a whole prefill block in one call. A row's result depends only on
+        its query, the keys up to it (masked beyond) and the call's shape, which the block
+        alignment fixes: the same in any split of the prompt. Keys not written yet are
+        zeros (``SequenceKV`` allocates zeroed), so masked positions add exact zeros."""
+        s = self.shape
+        n, keys = mask.shape
+        q = qk[:, :s.heads].transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(q, kv.keys(index, 0, keys)[None], kv.values(index, 0, keys)[None],
+                                             attn_mask=mask, enable_gqa=s.heads != s.kv_heads)
+        attn.copy_(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
