@@ -69,22 +69,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> int:
     return int(torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1))
 
 
-def generate_stream(
-    model,
-    tokenizer,
-    params: Dict,
-    device: str,
-    context_len: int,
-    stream_interval: int = 2,
-    judge_sent_end: bool = False,
-    prefix_cache: Optional[PrefixCache] = None,
-    runner: Optional[LlamaRunner] = None,
-) -> Iterator[Dict]:
-    """FastChat's ``generate_stream`` contract, run here on the calling thread: the token
-    loop's model calls are answered directly (the worker's engine answers them instead,
-    batched with other streams)."""
-    loop = token_loop(model, tokenizer, params, device, context_len, stream_interval, judge_sent_end,
-                      prefix_cache, runner)
+def generate_stream(*args, runner: Optional[LlamaRunner] = None, **kwargs) -> Iterator[Dict]:
+    """FastChat's ``generate_stream`` contract (``token_loop``'s parameters), run on the
+    calling thread: the loop's model calls are answered directly (in the worker, its
+    engine answers them instead, batched with other streams)."""
+    loop = token_loop(*args, runner=runner, **kwargs)
     reply = None
     try:
         while True:
