@@ -40,6 +40,49 @@ def test_linear_param_count_matches_the_real_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) >= QUICK_SHAPE.params
 
 
+def test_big_shapes_are_written_a_layer_at_a_time_and_load(tmp_path):
+    """The 7B shape's builder at tiny scale: bf16 shards, one per decoder layer (so no
+    more than a layer is ever in memory), Hugging Face's names and init, exact sizes; the
+    low-bit loader converts it and the lean runner serves it."""
+    import json as _json
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from fastchat_bigdl.bench.random_model import SHAPE_1B, SHAPE_7B, LlamaShape, layer_tensors
+
+    assert 6.7e9 < SHAPE_7B.params < 6.8e9 and 1.0e9 < SHAPE_1B.params < 1.2e9
+    shape = LlamaShape(hidden=256, layers=3, heads=8, kv_heads=2, intermediate=512, vocab=512, context=256)
+    lines = []
+    path = build_random_llama(tmp_path / "tiny-7b-like", shape, dtype="bfloat16", progress=lines.append)
+    index = _json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) == shape.layers + 2 and len(lines) == len(shards)
+    for layer in range(shape.layers):
+        with safe_open(str(path / shards[layer + 1]), "pt") as f:
+            assert set(f.keys()) == set(layer_tensors(shape, layer))  # exactly one layer per shard
+    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == shape.params + (2 * shape.layers + 1) * shape.hidden  # + norms
+    q = model.model.layers[1].self_attn.q_proj.weight.float()
+    assert q.dtype == torch.float32 and abs(q.std().item() - 0.02) < 0.002
+    assert torch.equal(model.model.norm.weight, torch.ones(shape.hidden, dtype=torch.bfloat16))
+    assert build_random_llama(path, shape, dtype="bfloat16") == path  # reused
+    assert build_random_llama(path, shape, dtype="float32") == path and \
+        _json.loads((path / "config.json").read_text())["torch_dtype"] == "float32"  # rebuilt in fp32
+
+    from fastchat_bigdl.engine.selection import choose_forward
+    from fastchat_bigdl.lowbit.backend import resolve_backend
+    from fastchat_bigdl.lowbit.loader import load_low_bit_model
+
+    low_bit, tokenizer = load_low_bit_model(str(path), torch_dtype=torch.float32)
+    runner, line = choose_forward(low_bit, resolve_backend(), "cpu")
+    assert runner is not None, line
+    ids = tokenizer(words(20, seed=1, vocab=shape.vocab)).input_ids
+    logits = runner.prefill(ids, runner.new_sequence())
+    assert logits.shape == (1, shape.vocab) and torch.isfinite(logits).all()
+
+
 def fake_report(ours_tok_s=30.0, stock_tok_s=10.0):
     def stack(low_bit, tok_s, ttfts, starts, loads, rss):
         return {"low_bit": low_bit, "start_s": starts, "model_load_s": loads,

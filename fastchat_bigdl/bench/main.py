@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from fastchat_bigdl.bench.measure import measure_bandwidth, measure_stack
-from fastchat_bigdl.bench.random_model import DEFAULT_SHAPE, QUICK_SHAPE, LlamaShape, build_random_llama
+from fastchat_bigdl.bench.random_model import (DEFAULT_SHAPE, QUICK_SHAPE, SHAPE_7B, SHAPES, LlamaShape,
+                                               build_random_llama)
 from fastchat_bigdl.bench.report import (compare, compare_with_peer, compare_with_profile, format_table, plot,
                                          summarize, targets)
 from fastchat_bigdl.bench.settings import CONV_TEMPLATE, LLAMA_CPP, OURS, STOCK, BenchSettings, token_counter
@@ -36,7 +37,10 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     else:
         name = f"bench-llama-{shape.params // 1_000_000}m"
         progress(f"building the benchmark model {name} ({shape.params / 1e6:.0f} M params, random weights) ...")
-        model_path = str(build_random_llama(cache_dir() / "bench-models" / name, shape))
+        # bf16 for the 7B shape: 13 GB to write and read instead of 27 (and what such models ship in)
+        dtype = "bfloat16" if shape.params >= SHAPE_7B.params // 2 else "float32"
+        model_path = str(build_random_llama(cache_dir() / "bench-models" / name, shape, dtype=dtype,
+                                            progress=progress))
     model_name = os.path.basename(model_path)
     count = token_counter(s, model_path)
     progress("measuring memory bandwidth ...")
@@ -105,6 +109,9 @@ def shape_of_model(model_path: str) -> LlamaShape:
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None,
                         help="A Llama-architecture checkpoint (default: a ~374 M random Llama built locally)")
+    parser.add_argument("--shape", choices=list(SHAPES), default=None,
+                        help="The random-weight model's shape without --model-path: 374m (default), 1.1b "
+                             "(TinyLlama's), 7b (Llama-2-7B's, written in bf16 a layer at a time), quick")
     parser.add_argument("--low-bit", default="sym_int4")
     parser.add_argument("--quick", action="store_true", help="A small model and short runs (well under a minute)")
     parser.add_argument("--turns", type=int, default=None, help="Agent replay turns (default 10; --quick 3)")
@@ -134,7 +141,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
         gguf, model_path = str(demo_gguf_path()), str(ensure_demo_model())
     real_model = bool(model_path)
-    shape = shape_of_model(model_path) if model_path else (QUICK_SHAPE if quick else DEFAULT_SHAPE)
+    if model_path:
+        shape = shape_of_model(model_path)
+    else:
+        shape = SHAPES[args.shape] if getattr(args, "shape", None) else (QUICK_SHAPE if quick else DEFAULT_SHAPE)
     return BenchSettings(
         shape=shape, model_path=model_path, low_bit=args.low_bit,
         prompt_tokens=32 if quick else 128, max_tokens=16 if quick else 64, repeats=1 if quick else 3,
