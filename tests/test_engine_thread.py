@@ -1,6 +1,7 @@
 """One thread owns the model: loading and every generation step run there, whichever
 request thread asks (a model run on another thread than the one that loaded it decodes
 about a third slower on CPU)."""
+import functools
 import threading
 import time
 
@@ -104,3 +105,37 @@ def test_a_failing_engine_turn_fails_its_streams_and_the_engine_serves_on(mocker
     mocker.stopall()
     assert list(engine.streamer(loop)()) == ["first chunk", "second chunk"]
     assert engine.call(lambda: threading.current_thread().name) == "model"
+
+
+@pytest.mark.backend
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_running_streams(tiny_tools):
+    """While a ~2,900-token prompt is prefilled (46 blocks), a stream already decoding
+    gets a step between every two blocks: the engine's calls, in the order it made them."""
+    import torch
+
+    from fastchat_bigdl.engine.selection import choose_forward
+    from fastchat_bigdl.lowbit.backend import resolve_backend
+    from fastchat_bigdl.lowbit.loader import load_low_bit_model
+    from fastchat_bigdl.worker.generation import token_loop
+
+    engine = Engine()
+    model, tokenizer = engine.call(load_low_bit_model, str(tiny_tools), torch_dtype=torch.float32)
+    runner, line = engine.call(choose_forward, model, resolve_backend(), "cpu")
+    assert runner is not None, line
+    engine.runner = runner
+    calls = []
+    prefill, decode = runner.prefill, runner.decode
+    runner.prefill = lambda tokens, kv, **kw: calls.append(("prefill", len(tokens))) or prefill(tokens, kv, **kw)
+    runner.decode = lambda steps: calls.append(("decode", len(steps))) or decode(steps)
+    stream = engine.streamer(functools.partial(token_loop, runner=runner))
+    words = "the quick brown fox jumps over the lazy dog hello world one two three four five six seven".split()
+    running = stream(model, tokenizer, {"prompt": "hello world", "temperature": 0, "max_new_tokens": 400,
+                                        "echo": False, "stop_token_ids": []}, "cpu", 4096, 1)
+    next(running)  # decoding now
+    *_, long_answer = stream(model, tokenizer, {"prompt": " ".join(words * 60), "temperature": 0,
+                                                "max_new_tokens": 2, "echo": False}, "cpu", 4096, 1)
+    running.close()
+    blocks = [i for i, (kind, n) in enumerate(calls) if kind == "prefill" and n > 2]  # the long prompt's
+    assert len(blocks) > 40 and long_answer["usage"]["prompt_tokens"] > 2500
+    between = calls[blocks[0]:blocks[-1]]
+    assert sum(kind == "decode" for kind, _ in between) >= len(blocks) - 1

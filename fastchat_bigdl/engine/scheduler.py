@@ -123,9 +123,17 @@ class Engine:
             except BaseException as exc:  # noqa: BLE001 - a bug here must not hang every client
                 logger.exception("engine turn failed; failing its %d streams and serving on", len(self._active))
                 for stream in list(self._active):
-                    if stream.loop is not None:
-                        stream.loop.close()
+                    self._close(stream)
                     self._finish(stream, _Failure(exc))
+
+    @staticmethod
+    def _close(stream: _Stream) -> None:
+        """Close a loop (its cleanup runs here); a loop failing to close is only logged."""
+        if stream.loop is not None:
+            try:
+                stream.loop.close()
+            except BaseException:  # noqa: BLE001
+                logger.exception("closing a stream's loop failed")
 
     def _finish(self, stream: _Stream, item=_END) -> None:
         stream.out.put(item)
@@ -162,14 +170,13 @@ class Engine:
         except BaseException as raised:  # noqa: BLE001
             self._finish(stream, _Failure(raised))
         else:  # the loop caught it and yielded again: it does not get another turn
-            stream.loop.close()
+            self._close(stream)
             self._finish(stream, _Failure(exc))
 
     def _turn(self) -> None:
         for stream in list(self._active):
             if stream.cancelled:
-                if stream.loop is not None:
-                    stream.loop.close()
+                self._close(stream)
                 self._active.remove(stream)
             elif stream.request is None:
                 self._advance(stream)
