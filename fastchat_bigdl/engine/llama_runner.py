@@ -19,8 +19,9 @@ computed by exactly one of two fixed recipes:
 - generated positions (``decode``): in calls of at most ``decode_rows`` rows, below the
   tiled path's threshold, so a row's result is the same alone or batched.
 
-Attention runs one query position at a time over exactly the keys that position sees.
-The prefix cache reuses only prefill-computed positions (``SequenceKV.prefilled``), so a
+Attention follows the same two recipes: a decode row attends alone over exactly the keys
+its position sees; a prefill block attends in one call over the block's keys, masked. The
+prefix cache reuses only prefill-computed positions (``SequenceKV.prefilled``), so a
 request computes every position the same way cold or warm, alone or batched.
 """
 from __future__ import annotations
