@@ -25,7 +25,7 @@ from typing import Callable, Deque, Iterator, List, Optional
 import torch
 
 from fastchat_bigdl.engine.llama_runner import PREFILL_BLOCK, LlamaRunner
-from fastchat_bigdl.engine.requests import Compute, Decode, Prefill
+from fastchat_bigdl.engine.requests import REQUESTS, Compute, Decode, Prefill
 
 logger = logging.getLogger(__name__)
 _END = object()
@@ -148,7 +148,7 @@ class Engine:
             else:
                 reply, stream.reply = stream.reply, None
                 item = stream.loop.send(reply)
-            while not isinstance(item, (Prefill, Decode, Compute)):
+            while not isinstance(item, REQUESTS):
                 stream.out.put(item)
                 if not stream.batched:
                     return

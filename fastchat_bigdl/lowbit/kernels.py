@@ -5,11 +5,11 @@ checks, device lookups, an import, ctypes argument building, a threshold test): 
 as long as the kernel itself for the small projections of a 135 M model, times 151 calls
 a token. ``LowBitMatmul`` keeps the kernel call and builds its arguments once.
 
-It also always takes the same kernel. On AVX-512 server CPUs other than Sapphire Rapids
+It also always takes the same kernel: on AVX-512 server CPUs other than Sapphire Rapids
 the library switches sym_int4 to dequantize-then-GEMM above a row threshold
-(``BIGDL_LLM_LINEAR_THRESHOLD``), which rounds differently; the ggml kernel gives a row
-the same result whatever other rows share the call (checked by the tests), which is
-what makes greedy output independent of batching and prefill splits.
+(``BIGDL_LLM_LINEAR_THRESHOLD``). The ggml kernel itself rounds a row one way in calls
+of fewer than 32 rows and another way inside the 16-row tiles of larger calls (measured
+on a Xeon with AMX); ``engine.llama_runner`` keeps each position on one of the two.
 """
 from __future__ import annotations
 
@@ -39,12 +39,11 @@ class LowBitMatmul:
         self._rows_ne: Dict[int, ctypes.Array] = {}
         self.bias = module.bias.data if module.bias is not None else None
 
-    def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if not x.is_contiguous():
             x = x.contiguous()
-        if out is None:
-            out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
         ne = self._rows_ne.get(rows)
         if ne is None:
             ne = self._rows_ne[rows] = (ctypes.c_int64 * 2)(self.in_features, rows)
