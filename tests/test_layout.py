@@ -9,8 +9,6 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "fastchat_bigdl"
 

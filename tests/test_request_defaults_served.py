@@ -1,7 +1,6 @@
 """Through the real stack: chat requests without max_tokens get the API server's default
 cap (so an agent turn cannot run to the end of the context), schemas too large to enforce
 are refused before compiling, and compiling large schemas does not stall other streams."""
-import json
 import threading
 import time
 

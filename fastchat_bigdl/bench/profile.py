@@ -98,7 +98,6 @@ def profile_model(model_path: str, low_bit: str, prompt_tokens: int = 128, token
     lean = min(_time_runner_decode(runner, prompt, tokens) for _ in range(2))
 
     clock = {"linear": 0.0, "attention": 0.0}
-    originals = (runner.layers, runner.lm_head, runner._attend)
     for layer in runner.layers:
         for name in ("o", "gate", "up", "down"):
             setattr(layer, name, Timed(getattr(layer, name), clock, "linear"))
@@ -107,7 +106,7 @@ def profile_model(model_path: str, low_bit: str, prompt_tokens: int = 128, token
     runner._attend = Timed(runner._attend, clock, "attention")
     profiled = _time_runner_decode(runner, prompt, tokens)
     linear, attention = clock["linear"] / tokens, clock["attention"] / tokens
-    runner.lm_head = originals[1]
+    runner.lm_head = runner.lm_head.fn
     del runner._attend  # the class's method again
     for layer in runner.layers:
         for name in ("o", "gate", "up", "down"):

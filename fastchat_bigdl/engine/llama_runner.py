@@ -52,7 +52,7 @@ class LayerWeights:
 
 
 @dataclass
-class LlamaShape:
+class RunnerShape:
     layers: int
     hidden: int
     heads: int
@@ -67,9 +67,7 @@ class LlamaShape:
 class LlamaRunner:
     """Runs a converted Llama-family model; one ``SequenceKV`` per sequence."""
 
-    kind = "lean Llama runner"
-
-    def __init__(self, shape: LlamaShape, embed: torch.Tensor, layers: List[LayerWeights],
+    def __init__(self, shape: RunnerShape, embed: torch.Tensor, layers: List[LayerWeights],
                  final_norm: torch.Tensor, lm_head: LowBitMatmul, inv_freq: torch.Tensor,
                  position_scale: float = 1.0, decode_rows: int = DECODE_ROWS):
         self.shape = shape

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, LayerWeights, LlamaRunner, LlamaShape
+from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, LayerWeights, LlamaRunner, RunnerShape
 from fastchat_bigdl.lowbit.backend import LowBitBackend
 from fastchat_bigdl.lowbit.kernels import LowBitMatmul, cpu_matmul
 
@@ -93,7 +93,7 @@ def build_lean_runner(model, backend: LowBitBackend, device: str) -> LlamaRunner
         ))
     inv_freq, position_scale = _rope_of(first_attention)
     window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-    shape = LlamaShape(
+    shape = RunnerShape(
         layers=len(layers),
         hidden=config.hidden_size,
         heads=first_attention.num_heads,
