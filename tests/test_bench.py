@@ -94,6 +94,7 @@ def fake_report(ours_tok_s=30.0, stock_tok_s=10.0):
     report = {"machine": {"bandwidth_gbs": 20.0, "cpus": 2}, "model": {"params": 3e8, "name": "m"},
               "stacks": {bench_settings.OURS: stack("sym_int4", ours_tok_s, [0.1, 0.12], [20.0, 8.0], [10.0, 1.0], 500),
                          bench_settings.STOCK: stack("fp32", stock_tok_s, [0.2, 0.8], [9.0], [], 1500)}}
+    report["baseline"] = bench_report.baseline(report["stacks"])
     report["ratios"] = bench_report.compare(report["stacks"][bench_settings.OURS], report["stacks"][bench_settings.STOCK])
     report["targets"] = bench_report.targets(report)
     return report
@@ -115,6 +116,67 @@ def test_ratios_and_targets_are_computed_from_the_measurements():
     assert "3.00x" in table and "NOT met" in table
 
 
+def test_at_7b_stock_fp32_that_did_not_fit_is_reported_and_bf16_is_the_baseline(tmp_path):
+    report = fake_report(ours_tok_s=3.0, stock_tok_s=1.0)
+    stacks = report["stacks"]
+    stacks[bench_settings.STOCK_BF16] = dict(stacks[bench_settings.STOCK], low_bit="bf16")
+    stacks[bench_settings.STOCK] = dict(bench_report.NOT_MEASURED, low_bit="fp32", failed="did not fit: ...")
+    stacks[bench_settings.OURS].update(peak_rss_mb=4800, start_peak_rss_mb=[16900, 4900],
+                                       long_prompt={"prompt_tokens": 1000, "ttft_s": 40.0},
+                                       agent_chat={"turns": [{"seconds": 20.0}, {"seconds": 25.5}], "error": None})
+    report["model"]["params"] = 6.7e9
+    report["baseline"] = bench_report.baseline(stacks)
+    assert report["baseline"] == bench_settings.STOCK_BF16
+    report["ratios"] = bench_report.compare(stacks[bench_settings.OURS], stacks[report["baseline"]])
+    t = bench_report.targets(report)
+    assert t["decode >= 2x stock bf16"]["met"] and "decode >= 3x stock fp32" not in t
+    assert t["worker peak RSS serving <= 6 GB"]["met"]  # 4800 MiB = 5.0 GB
+    assert not t["converting worker peak RSS <= 16 GB"]["met"]  # 16900 MiB = 17.7 GB
+    report["targets"] = t
+    table = bench_report.format_table(report)
+    assert "stock-fastchat-bf16 (bf16)" in table.splitlines()[0]
+    assert "stock-fastchat (fp32): did not fit" in table
+    assert "AutoGen two-agent chat: 2 turns (20.0, 25.5 s); completed" in table
+    assert "TTFT, 1000-token prompt (s)" in table and "16900 / 4900 (convert / cached)" in table
+    bench_report.plot(report, tmp_path / "bench.png")  # the failed stack has no series
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_memory_watchdog_stops_only_the_process_that_grows():
+    grower = subprocess.Popen([sys.executable, "-c", "import time\nx = []\nwhile True:\n"
+                               "    x.append(bytearray(20 << 20)); time.sleep(0.02)"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        watchdog = bench_measure.MemoryWatchdog(grower.pid, limit_mb=300, poll_s=0.05)
+        assert grower.wait(30) == -9  # SIGKILL, from the watchdog
+        watchdog.stop()
+        assert 300 < watchdog.killed_at_mb < 600 and watchdog.killed_after_s < 30
+        assert "stopped the worker at 0." in watchdog.describe() and "limit 0.3 GiB" in watchdog.describe()
+        assert bystander.poll() is None
+    finally:
+        for p in (grower, bystander):
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.slow
+def test_a_stock_worker_that_does_not_fit_is_a_result_not_a_crash(tmp_path):
+    """The 7B case at small scale: stock FastChat's worker passes the memory limit while
+    loading; the bench records why and stops that stack, and nothing is left running."""
+    import psutil
+
+    model = build_random_llama(tmp_path / "bench-m", QUICK_SHAPE)
+    s = settings(tmp_path, memory_limit_mb=200, against=())  # torch alone is more than that
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    lines = []
+    result = bench_measure.measure_stack(s, str(model), "bench-m", None, starts=1, count=lambda t: len(t.split()),
+                                         progress=lines.append)
+    assert result.failure.startswith("did not fit: the bench's memory watchdog stopped the worker at")
+    assert result.decode == [] and result.replay == [] and result.starts_s == []
+    assert any("did not fit" in line for line in lines)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before  # controller, API stopped too
+
+
 def test_roofline_uses_the_bytes_each_format_reads():
     shape = QUICK_SHAPE
     result = bench_measure.StackResult("x", "sym_int4", decode=[{"tok_s": 10.0, "ttft_s": 0.1}],
@@ -128,6 +190,7 @@ def test_roofline_uses_the_bytes_each_format_reads():
 @pytest.mark.slow
 def test_quick_bench_writes_table_json_and_plot(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastchat_bigdl", "bench", "--quick", "--profile",
+                          "--stock-dtypes", "float32,bfloat16", "--long-prompt", "40", "--agent-chat", "3",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "decode run 1/1" in out.stdout and "replay turn 3/3" in out.stdout  # progress shown
@@ -166,6 +229,18 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
     assert sweep[1]["tokens"] > sweep[0]["tokens"]  # two streams' worth of answers
     assert report["stacks"][bench_settings.STOCK]["concurrency"] == []
     assert " 2 streams at once:" in out.stdout
+    # --stock-dtypes: stock in bf16 too; --long-prompt; --agent-chat: a real AutoGen chat against ours
+    bf16 = report["stacks"][bench_settings.STOCK_BF16]
+    assert bf16["low_bit"] == "bf16" and bf16["decode"]["tok_s"] > 0 and not bf16["failed"]
+    assert report["baseline"] == bench_settings.STOCK  # fp32 fit: it stays the baseline
+    for label in (bench_settings.OURS, bench_settings.STOCK, bench_settings.STOCK_BF16):
+        long = report["stacks"][label]["long_prompt"]
+        assert long["prompt_tokens"] == 40 and long["ttft_s"] > 0
+    assert len(ours["start_peak_rss_mb"]) == 2 and all(v > 50 for v in ours["start_peak_rss_mb"])
+    chat = ours["agent_chat"]
+    assert chat["error"] is None and [t["agent"] for t in chat["turns"]] == ["critic", "writer", "critic"]
+    assert all(t["seconds"] > 0 for t in chat["turns"])
+    assert "AutoGen two-agent chat: 3 turns" in out.stdout
 
 
 # --- bench --against llama-cpp: the plumbing, with llama.cpp replaced -----------------------
@@ -196,17 +271,24 @@ class Llama:
         yield {"choices": [{"delta": {"role": "assistant"}}]}
         for i in range(max_tokens):
             yield {"choices": [{"delta": {"content": f" w{len(messages)}x{i}"}}]}
+
+    def create_completion(self, prompt, max_tokens, temperature, stream):
+        assert stream and temperature == 0 and all(isinstance(t, int) for t in prompt)
+        for i in range(max_tokens):  # answers with the prompt's last ids, so the test sees what came in
+            yield {"choices": [{"text": f" w{prompt[-1 - i % len(prompt)]}"}]}
 '''
 
 
 @pytest.fixture
 def fake_llama_cpp(tmp_path, monkeypatch):
+    """llama-cpp-python replaced; the GGUF is a real one (the bench model exported)."""
+    from fastchat_bigdl.bench.gguf_export import export_gguf
+
     (tmp_path / "fakes").mkdir()
     (tmp_path / "fakes" / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakes"))
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
-    return gguf
+    model = build_random_llama(tmp_path / "bench-m", QUICK_SHAPE)
+    return export_gguf(model, tmp_path / "model.gguf")
 
 
 def settings(tmp_path, **overrides):
@@ -222,13 +304,35 @@ def test_llama_cpp_is_measured_in_a_process_of_its_own(tmp_path, fake_llama_cpp)
     lines = []
     result = bench_llama_cpp.measure(settings(tmp_path), str(fake_llama_cpp), lines.append,
                                      chat_factory=bench_llama_cpp.LlamaCppProcess)
-    assert result.label == bench_settings.LLAMA_CPP and result.low_bit == "q4_1"
+    assert result.label == bench_settings.LLAMA_CPP and result.low_bit == "q4_0"  # read from the GGUF
     assert [r["tokens"] for r in result.decode] == [6, 6]  # counted by llama.cpp's tokenizer
     assert [t["turn"] for t in result.replay] == [1, 2, 3]
     history = [t["history_tokens"] for t in result.replay]
     assert history[0] == 12 + len(bench_settings.SYSTEM.split()) and history == sorted(history)
     assert 0 < result.peak_rss_mb < 300  # the child's own: no torch, no FastChat
     assert any("replay turn 3/3" in line for line in lines)
+
+
+def test_llama_cpp_gets_the_token_ids_the_fastchat_worker_prefills(tmp_path, fake_llama_cpp):
+    """A bench model's words are not llama.cpp's to tokenize: the bench renders the chat with
+    the stacks' FastChat template and tokenizes it with the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from fastchat_bigdl.bench import llama_cpp_peer as bench_llama_cpp
+
+    model = tmp_path / "bench-m"
+    encode = bench_llama_cpp.chat_prompt_ids(str(model), bench_settings.CONV_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "w7 w8 w9"},
+                {"role": "assistant", "content": "w10"}, {"role": "user", "content": "w11 w12"}]
+    ids = encode(messages)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    text = tok.decode(ids)
+    assert "w7 w8 w9" in text and "w10" in text and text.rstrip().endswith("w11 w12 <unk>")  # "ASSISTANT:"
+    s = settings(tmp_path, max_tokens=3, repeats=1, turns=2)
+    result = bench_llama_cpp.measure(s, str(fake_llama_cpp), lambda line: None, encode=encode,
+                                     count=lambda text: len(text.split()))
+    assert [r["tokens"] for r in result.decode] == [3]
+    assert [t["history_tokens"] for t in result.replay][0] == 12 + len(bench_settings.SYSTEM.split())
 
 
 def test_missing_llama_cpp_is_a_clear_error(tmp_path, monkeypatch, capsys):

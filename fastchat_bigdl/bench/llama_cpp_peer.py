@@ -1,6 +1,8 @@
 """The peer users would otherwise run, llama.cpp (through llama-cpp-python), measured on
 the same model and prompts as the FastChat stacks in ``bench``: the demo model's own
-GGUF against this package serving the checkpoint converted from it.
+GGUF against this package serving the checkpoint converted from it, or a bench model
+exported to Q4_0 (``bench.gguf_export``: llama.cpp's twin of ``sym_int4``) with prompts
+tokenized by the bench as the FastChat worker tokenizes them (``chat_prompt_ids``).
 
 llama.cpp runs in a process of its own (``llama_cpp_server``, which imports nothing but
 llama-cpp-python, so its peak RSS is its own), with its prompt cache on
@@ -14,7 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from fastchat_bigdl.bench.measure import StackResult, agent_replay, decode_runs
 from fastchat_bigdl.bench.settings import LLAMA_CPP
@@ -38,7 +40,9 @@ def llama_cpp_version() -> Optional[str]:
 class LlamaCppProcess:
     """``bench.Chat`` backed by a llama.cpp process: call it with (messages, max_tokens)."""
 
-    def __init__(self, gguf_path: str, threads: int, n_ctx: int = 2048, prompt_cache_mb: int = 1024):
+    def __init__(self, gguf_path: str, threads: int, n_ctx: int = 2048, prompt_cache_mb: int = 1024,
+                 encode: Optional[Callable[[List[dict]], Sequence[int]]] = None):
+        self.encode = encode  # messages -> prompt token ids; None: llama.cpp applies the GGUF's template
         self.proc = subprocess.Popen(
             [sys.executable, str(SERVER_SCRIPT), gguf_path, str(threads), str(n_ctx), str(prompt_cache_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -56,7 +60,10 @@ class LlamaCppProcess:
         return self._read()
 
     def __call__(self, messages: List[dict], max_tokens: int) -> Tuple[float, float, str]:
-        answer = self._ask({"chat": messages, "max_tokens": max_tokens})
+        if self.encode is not None:
+            answer = self._ask({"prompt_ids": list(self.encode(messages)), "max_tokens": max_tokens})
+        else:
+            answer = self._ask({"chat": messages, "max_tokens": max_tokens})
         return answer["ttft_s"], answer["total_s"], answer["text"]
 
     def count_tokens(self, text: str) -> int:
@@ -74,20 +81,58 @@ class LlamaCppProcess:
                 self.proc.kill()
 
 
-def measure(settings, gguf_path: str, progress: Callable[[str], None], chat_factory=LlamaCppProcess) -> StackResult:
-    """A ``bench.StackResult`` for llama.cpp: load, warm-up, decode runs, agent replay,
-    with tokens counted by llama.cpp's own tokenizer (the GGUF's, the same vocabulary the
-    converted checkpoint's tokenizer has)."""
-    result = StackResult(LLAMA_CPP, "q4_1")
-    progress(f"  {LLAMA_CPP}: loading {Path(gguf_path).name} ...")
-    chat = chat_factory(gguf_path, threads=settings.threads)
+def gguf_file_type(gguf_path: str) -> str:
+    """The GGUF's weight format as llama.cpp names it (``q4_0``, ``q4_1``, ...)."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(gguf_path).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    name = LlamaFileType(int(field.contents())).name
+    return name.replace("MOSTLY_", "").replace("ALL_", "").lower()
+
+
+def chat_prompt_ids(model_path: str, conv_template: str) -> Callable[[List[dict]], List[int]]:
+    """Messages -> the token ids the FastChat stacks prefill for them: FastChat's
+    conversation template renders the prompt (as its API server does) and the checkpoint's
+    tokenizer encodes it (as the worker does)."""
+    from fastchat.conversation import get_conv_template
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def encode(messages: List[dict]) -> List[int]:
+        conv = get_conv_template(conv_template)
+        for message in messages:
+            if message["role"] == "system":
+                conv.set_system_message(message["content"])
+            else:
+                conv.append_message(conv.roles[0 if message["role"] == "user" else 1], message["content"])
+        conv.append_message(conv.roles[1], None)
+        return tokenizer(conv.get_prompt()).input_ids
+
+    return encode
+
+
+def measure(settings, gguf_path: str, progress: Callable[[str], None], chat_factory=LlamaCppProcess,
+            encode: Optional[Callable[[List[dict]], Sequence[int]]] = None,
+            count: Optional[Callable[[str], int]] = None) -> StackResult:
+    """A ``bench.StackResult`` for llama.cpp: load, warm-up, decode runs, agent replay.
+    Without ``encode``/``count`` llama.cpp applies the GGUF's chat template and counts
+    tokens with the GGUF's tokenizer (the same vocabulary the converted checkpoint has);
+    with them the bench tokenizes and counts, as for the FastChat stacks."""
+    result = StackResult(LLAMA_CPP, gguf_file_type(gguf_path))
+    progress(f"  {LLAMA_CPP}: loading {Path(gguf_path).name} ({result.low_bit}) ...")
+    chat = chat_factory(gguf_path, threads=settings.threads, n_ctx=min(settings.shape.context, 4096),
+                        encode=encode)
+    count = count or chat.count_tokens
     try:
         result.starts_s.append(chat.load_s)
         result.load_s.append(chat.load_s)
         progress(f"    ready in {chat.load_s:.1f} s")
         chat([{"role": "user", "content": "hello"}], 2)  # warm-up, as for the stacks
-        result.decode = decode_runs(settings, chat, chat.count_tokens, progress)
-        result.replay = agent_replay(settings, chat, chat.count_tokens, progress)
+        result.decode = decode_runs(settings, chat, count, progress)
+        result.replay = agent_replay(settings, chat, count, progress)
         result.peak_rss_mb = chat.peak_rss_mb()
     finally:
         chat.close()

@@ -4,6 +4,8 @@ and its peak RSS is llama.cpp's own.
 
 Protocol: one JSON request per stdin line, one JSON answer per stdout line.
 ``{"chat": messages, "max_tokens": n}`` -> ``{"ttft_s", "total_s", "text"}``;
+``{"prompt_ids": [ids], "max_tokens": n}`` -> the same, for a prompt the bench tokenized
+(a bench model's word vocabulary, which llama.cpp cannot tokenize itself);
 ``{"count": text}`` -> ``{"tokens"}``; ``{"peak_rss_mb": true}`` -> ``{"peak_rss_mb"}``.
 """
 import json
@@ -19,6 +21,18 @@ def peak_rss_mb():
     return None
 
 
+def timed(chunks, delta_of) -> dict:
+    """Time to first text, total time and the text of one streamed answer."""
+    began, first, text = time.perf_counter(), None, ""
+    for chunk in chunks:
+        delta = delta_of(chunk["choices"][0])
+        if delta:
+            first = first or time.perf_counter()
+            text += delta
+    ended = time.perf_counter()
+    return {"ttft_s": (first or ended) - began, "total_s": ended - began, "text": text}
+
+
 def main(gguf_path: str, threads: int, n_ctx: int, prompt_cache_mb: int) -> None:
     import llama_cpp
 
@@ -31,15 +45,13 @@ def main(gguf_path: str, threads: int, n_ctx: int, prompt_cache_mb: int) -> None
     for line in sys.stdin:
         request = json.loads(line)
         if "chat" in request:
-            began, first, text = time.perf_counter(), None, ""
-            for chunk in llm.create_chat_completion(request["chat"], max_tokens=request["max_tokens"],
-                                                    temperature=0, stream=True):
-                delta = chunk["choices"][0]["delta"].get("content")
-                if delta:
-                    first = first or time.perf_counter()
-                    text += delta
-            ended = time.perf_counter()
-            answer = {"ttft_s": (first or ended) - began, "total_s": ended - began, "text": text}
+            answer = timed(llm.create_chat_completion(request["chat"], max_tokens=request["max_tokens"],
+                                                      temperature=0, stream=True),
+                           lambda choice: choice["delta"].get("content"))
+        elif "prompt_ids" in request:
+            answer = timed(llm.create_completion(request["prompt_ids"], max_tokens=request["max_tokens"],
+                                                 temperature=0, stream=True),
+                           lambda choice: choice["text"])
         elif "count" in request:
             answer = {"tokens": len(llm.tokenize(request["count"].encode("utf-8"), add_bos=False, special=False))}
         else:

@@ -1,6 +1,7 @@
 """``fastchat-bigdl bench``: this package's low-bit worker side by side with FastChat's
 stock worker on the same model, measured through the OpenAI API over real HTTP, and with
-``--against llama-cpp`` also llama.cpp on the demo model's GGUF (``bench.llama_cpp_peer``).
+``--against llama-cpp`` also llama.cpp (``bench.llama_cpp_peer``): on the demo model's GGUF, or
+with ``--shape`` on the bench model exported to Q4_0 (``bench.gguf_export``).
 
 Everything runs one after the other (never at once), the stacks as the same three
 FastChat processes ``serve`` starts, so the numbers compare like with like on a quiet
@@ -20,9 +21,10 @@ from typing import Callable, List, Optional
 from fastchat_bigdl.bench.measure import measure_bandwidth, measure_stack
 from fastchat_bigdl.bench.random_model import (DEFAULT_SHAPE, QUICK_SHAPE, SHAPE_7B, SHAPES, LlamaShape,
                                                build_random_llama)
-from fastchat_bigdl.bench.report import (compare, compare_with_peer, compare_with_profile, format_table, plot,
-                                         summarize, targets)
-from fastchat_bigdl.bench.settings import CONV_TEMPLATE, LLAMA_CPP, OURS, STOCK, BenchSettings, token_counter
+from fastchat_bigdl.bench.report import (baseline, compare, compare_with_peer, compare_with_profile, format_table,
+                                         plot, summarize, targets)
+from fastchat_bigdl.bench.settings import (CONV_TEMPLATE, LLAMA_CPP, OURS, BenchSettings, stock_label,
+                                           token_counter)
 from fastchat_bigdl.common.paths import cache_dir
 
 
@@ -46,14 +48,22 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     progress("measuring memory bandwidth ...")
     bandwidth = measure_bandwidth()
     progress(f"  {bandwidth:.1f} GB/s")
-    results = {
-        OURS: measure_stack(s, model_path, model_name, s.low_bit, starts=2, count=count, progress=progress),
-        STOCK: measure_stack(s, model_path, model_name, None, starts=1, count=count, progress=progress),
-    }
+    results = {OURS: measure_stack(s, model_path, model_name, s.low_bit, starts=2, count=count, progress=progress)}
+    for dtype in s.stock_dtypes:
+        results[stock_label(dtype)] = measure_stack(s, model_path, model_name, None, starts=1, count=count,
+                                                    progress=progress, stock_dtype=dtype)
     if "llama-cpp" in s.against:
         from fastchat_bigdl.bench import llama_cpp_peer
 
-        results[LLAMA_CPP] = (measure_peer or llama_cpp_peer.measure)(s, s.gguf_path, progress)
+        peer_args = {}
+        if not s.gguf_path:  # the bench model: the same weights in Q4_0, prompts tokenized here
+            from fastchat_bigdl.bench.gguf_export import export_gguf
+
+            progress(f"exporting {model_name} to GGUF Q4_0 for llama.cpp ...")
+            s.gguf_path = str(export_gguf(Path(model_path), Path(model_path).with_suffix(".q4_0.gguf"),
+                                          progress=progress))
+            peer_args = {"encode": llama_cpp_peer.chat_prompt_ids(model_path, s.conv_template), "count": count}
+        results[LLAMA_CPP] = (measure_peer or llama_cpp_peer.measure)(s, s.gguf_path, progress, **peer_args)
     profile = None
     if s.profile:
         from fastchat_bigdl.bench.profile import run_profile
@@ -67,7 +77,8 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items() if k != "shape"},
         "stacks": {label: summarize(r, shape, bandwidth) for label, r in results.items()},
     }
-    report["ratios"] = compare(report["stacks"][OURS], report["stacks"][STOCK])
+    report["baseline"] = baseline(report["stacks"])
+    report["ratios"] = compare(report["stacks"][OURS], report["stacks"].get(report["baseline"]))
     if profile is not None:
         report["profile"] = profile
         report["ratios"].update(compare_with_profile(report["stacks"][OURS], profile))
@@ -118,13 +129,22 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results", help="Directory for bench.json, bench.png and logs")
     parser.add_argument("--against", choices=["llama-cpp"], action="append", default=[],
                         help="Also measure llama.cpp (llama-cpp-python) on the same model: by default the demo "
-                             "model's own GGUF against this package serving the checkpoint converted from it")
+                             "model's own GGUF against this package serving the checkpoint converted from it; "
+                             "with --shape the bench model exported to GGUF Q4_0")
     parser.add_argument("--profile", action="store_true",
                         help="Also break one generated token's time down in-process (low-bit linears, attention, "
                              "other ops, the token loop) and relate the API's decode speed to it")
     parser.add_argument("--concurrency", default=None, metavar="N,N,...",
                         help="Streams at once for the concurrency sweep of this package's stack "
                              "(default 1,2,4,8,16; --quick 1,2; 0 skips it)")
+    parser.add_argument("--stock-dtypes", default=None, metavar="DTYPE,...",
+                        help="Stock FastChat's dtypes, measured in order (default float32; with --shape 7b "
+                             "float32,bfloat16: fp32 does not fit in 24 GB and is stopped by a memory watchdog)")
+    parser.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
+                        help="Also the time to first token of one prompt this long (default 0; --shape 7b 1000)")
+    parser.add_argument("--agent-chat", type=int, default=None, metavar="TURNS",
+                        help="Also run an AutoGen two-agent chat (classic flavor) against this package's stack "
+                             "and time its turns (default 0; --shape 7b 5; needs pyautogen or ag2)")
     parser.add_argument("--gguf", default=None,
                         help="The GGUF llama.cpp runs (default with --against llama-cpp: the demo model's); "
                              "--model-path must then be the same model as a Hugging Face checkpoint")
@@ -133,7 +153,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     quick = args.quick
     model_path, gguf, against = args.model_path, args.gguf, tuple(args.against)
-    if "llama-cpp" in against and not gguf:
+    if "llama-cpp" in against and not gguf and not getattr(args, "shape", None):
         if model_path:
             raise SystemExit("fastchat-bigdl bench: --against llama-cpp with --model-path needs --gguf "
                              "(the same model as a GGUF)")
@@ -145,17 +165,31 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         shape = shape_of_model(model_path)
     else:
         shape = SHAPES[args.shape] if getattr(args, "shape", None) else (QUICK_SHAPE if quick else DEFAULT_SHAPE)
+    big = shape.params >= SHAPE_7B.params // 2  # seconds a token for stock: fewer, shorter runs
+    option = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
     return BenchSettings(
         shape=shape, model_path=model_path, low_bit=args.low_bit,
-        prompt_tokens=32 if quick else 128, max_tokens=16 if quick else 64, repeats=1 if quick else 3,
+        prompt_tokens=32 if quick else 128, max_tokens=16 if quick else (32 if big else 64),
+        repeats=1 if quick or big else 3,
         turns=args.turns or (3 if quick else 10), turn_tokens=16 if quick else 48,
         turn_max_tokens=8 if quick else 32, out_dir=Path(args.out),
         # A real model answers best in its own template (llama.cpp uses the GGUF's, too).
         conv_template=None if real_model else CONV_TEMPLATE,
         prompt_style="english" if real_model else "words",
         against=against, gguf_path=gguf, profile=args.profile,
-        concurrency=concurrency_levels(args.concurrency, quick),
+        concurrency=concurrency_levels(args.concurrency, quick) if args.concurrency or not big else (1, 4),
+        stock_dtypes=stock_dtypes(option("stock_dtypes", "float32,bfloat16" if big else "float32")),
+        long_prompt_tokens=option("long_prompt", 1000 if big else 0),
+        agent_chat_turns=option("agent_chat", 5 if big else 0),
     )
+
+
+def stock_dtypes(text: str) -> tuple:
+    dtypes = tuple(part.strip() for part in text.split(",") if part.strip())
+    wrong = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if wrong or not dtypes:
+        raise SystemExit(f"fastchat-bigdl bench: --stock-dtypes takes float32, bfloat16 or float16, not {text!r}")
+    return dtypes
 
 
 def concurrency_levels(text: Optional[str], quick: bool) -> tuple:
@@ -172,8 +206,9 @@ def concurrency_levels(text: Optional[str], quick: bool) -> tuple:
 
 def main_args(args: argparse.Namespace) -> int:
     s = settings_from_args(args)
-    peers = f" and {LLAMA_CPP} ({os.path.basename(s.gguf_path)})" if s.against else ""
-    print(f"fastchat-bigdl bench: {OURS} ({s.low_bit}) vs {STOCK} (fp32){peers}, results in {s.out_dir}", flush=True)
+    peers = f" and {LLAMA_CPP} ({os.path.basename(s.gguf_path or 'the bench model in Q4_0')})" if s.against else ""
+    stocks = " and ".join(f"{stock_label(d)} ({d})" for d in s.stock_dtypes)
+    print(f"fastchat-bigdl bench: {OURS} ({s.low_bit}) vs {stocks}{peers}, results in {s.out_dir}", flush=True)
     if s.against:
         from fastchat_bigdl.bench.llama_cpp_peer import INSTALL_HINT, llama_cpp_version
 

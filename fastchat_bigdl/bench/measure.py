@@ -5,16 +5,19 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import os
 import re
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import requests
 
-from fastchat_bigdl.bench.settings import OURS, STOCK, SYSTEM, BenchSettings, prompt
-from fastchat_bigdl.stack.serve import Stack, free_port
+from fastchat_bigdl.bench.settings import OURS, SYSTEM, BenchSettings, prompt, stock_label
+from fastchat_bigdl.stack.serve import Stack, StackError, free_port
 
 
 @dataclass
@@ -27,6 +30,61 @@ class StackResult:
     replay: List[dict] = field(default_factory=list)
     peak_rss_mb: Optional[float] = None
     concurrency: List[dict] = field(default_factory=list)
+    start_peak_rss_mb: List[Optional[float]] = field(default_factory=list)  # each start's worker, to ready
+    long_prompt: Optional[dict] = None  # TTFT of one long prompt (settings.long_prompt_tokens)
+    agent_chat: Optional[dict] = None  # an AutoGen two-agent chat's turns (bench.agent_chat)
+    failure: Optional[str] = None  # why this stack could not be measured (e.g. it did not fit)
+
+
+class MemoryWatchdog:
+    """Kills one process (the worker) when its resident memory passes ``limit_mb``, before
+    the machine swaps or the kernel's OOM killer picks a victim of its own: stock FastChat
+    loading a 7B model in fp32 needs more than these machines have."""
+
+    def __init__(self, pid: int, limit_mb: float, poll_s: float = 0.1):
+        self.pid, self.limit_mb, self.poll_s = pid, limit_mb, poll_s
+        self.killed_at_mb: Optional[float] = None
+        self.started = time.perf_counter()
+        self.killed_after_s: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="memory-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            rss = rss_mb(self.pid)
+            if rss is None:
+                return
+            if rss > self.limit_mb:
+                self.killed_at_mb, self.killed_after_s = rss, time.perf_counter() - self.started
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def describe(self) -> str:
+        return (f"did not fit: the bench's memory watchdog stopped the worker at {self.killed_at_mb / 1024:.1f} GiB "
+                f"resident (limit {self.limit_mb / 1024:.1f} GiB) after {self.killed_after_s:.0f} s of loading")
+
+
+def available_memory_mb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb(pid: int) -> Optional[float]:
+    return _status_mb(pid, "VmRSS:")
 
 
 def measure_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -116,15 +174,19 @@ def concurrency_sweep(s: BenchSettings, base_url: str, model: str, count: Callab
     return results
 
 
-def peak_rss_mb(pid: int) -> Optional[float]:
+def _status_mb(pid: int, key: str) -> Optional[float]:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb(pid: int) -> Optional[float]:
+    return _status_mb(pid, "VmHWM:")
 
 
 def worker_load_seconds(log: str) -> Optional[float]:
@@ -148,6 +210,16 @@ def decode_runs(s: BenchSettings, chat: Chat, count: Callable[[str], int], progr
     return runs
 
 
+def long_prompt_ttft(s: BenchSettings, chat: Chat, count: Callable[[str], int], progress) -> Optional[dict]:
+    """Time to first token of one ``s.long_prompt_tokens``-token prompt (a pasted document)."""
+    if not s.long_prompt_tokens:
+        return None
+    text = prompt(s, s.long_prompt_tokens, 7)
+    ttft, total, _ = chat([{"role": "user", "content": text}], 2)
+    progress(f"    {count(text)}-token prompt: ttft {ttft:.1f} s")
+    return {"prompt_tokens": count(text), "ttft_s": ttft}
+
+
 def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], progress) -> List[dict]:
     """A two-agent chat replayed the way AutoGen sends it: the whole history every turn."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt(s, s.prompt_tokens, 1)}]
@@ -164,37 +236,61 @@ def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], prog
 
 
 def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: Optional[str], starts: int,
-                  count: Callable[[str], int], progress: Callable[[str], None]) -> StackResult:
-    label = OURS if low_bit else STOCK
-    result = StackResult(label, low_bit)
+                  count: Callable[[str], int], progress: Callable[[str], None],
+                  stock_dtype: str = "float32") -> StackResult:
+    """``low_bit`` set: this package's worker; None: FastChat's stock worker in
+    ``stock_dtype``. Each worker runs under a ``MemoryWatchdog``; one that does not fit is
+    a result (``failure``), not a crash of the bench or the machine."""
+    label = OURS if low_bit else stock_label(stock_dtype)
+    result = StackResult(label, low_bit or ("bf16" if stock_dtype == "bfloat16" else None))
     low_bit_cache = s.out_dir / "low-bit-cache"
+    limit_mb = s.memory_limit_mb or (available_memory_mb() or 8192) - 2048
     for start in range(starts):
         worker_args = ["--stream-interval", "1"]
         if s.conv_template:
             worker_args += ["--conv-template", s.conv_template]
         if low_bit:
             worker_args += ["--low-bit-cache", str(low_bit_cache)]
+        elif stock_dtype != "float32":
+            worker_args += ["--dtype", stock_dtype]
         stack = Stack(model_path=model_path, model_name=model_name, port=free_port(), low_bit=low_bit,
                       log_dir=s.out_dir / "logs" / f"{label}-{start + 1}", worker_args=worker_args)
-        what = "converting" if low_bit and start == 0 else ("cached" if low_bit else "fp32")
-        progress(f"  {label}: start {start + 1}/{starts} ({what}) ...")
+        what = "converting" if low_bit and start == 0 else ("cached" if low_bit else stock_dtype)
+        progress(f"  {label}: start {start + 1}/{starts} ({what}; worker memory limit {limit_mb / 1024:.1f} GiB) ...")
         began = time.perf_counter()
         stack.start()
+        watchdog = MemoryWatchdog(stack.child("worker").proc.pid, limit_mb)
         try:
-            stack.wait_ready(s.ready_timeout, progress=lambda line: None)
+            try:
+                stack.wait_ready(s.ready_timeout, progress=lambda line: None)
+            except StackError:
+                if watchdog.killed_at_mb is None:
+                    raise
+                result.failure = watchdog.describe()
+                progress(f"    {result.failure}")
+                return result
             result.starts_s.append(time.perf_counter() - began)
+            result.start_peak_rss_mb.append(peak_rss_mb(stack.child("worker").proc.pid))
             load = worker_load_seconds(stack.child("worker").log_path.read_text(errors="replace"))
             if load is not None:
                 result.load_s.append(load)
-            progress(f"    ready in {result.starts_s[-1]:.1f} s")
+            progress(f"    ready in {result.starts_s[-1]:.1f} s, worker peak RSS "
+                     f"{(result.start_peak_rss_mb[-1] or 0) / 1024:.1f} GiB")
             if start == starts - 1:
                 stream_chat(stack.base_url, model_name, [{"role": "user", "content": "w5 w6"}], 2)  # warm-up
                 chat = functools.partial(stream_chat, stack.base_url, model_name)
                 result.decode = decode_runs(s, chat, count, progress)
+                result.long_prompt = long_prompt_ttft(s, chat, count, progress)
                 result.replay = agent_replay(s, chat, count, progress)
                 if low_bit and s.concurrency:  # the stock worker takes turns: minutes for nothing new
                     result.concurrency = concurrency_sweep(s, stack.base_url, model_name, count, progress)
+                if low_bit and s.agent_chat_turns:
+                    from fastchat_bigdl.bench.agent_chat import run_agent_chat
+
+                    result.agent_chat = run_agent_chat(stack.base_url, s.agent_chat_turns, s.turn_max_tokens,
+                                                       progress)
                 result.peak_rss_mb = peak_rss_mb(stack.child("worker").proc.pid)
         finally:
+            watchdog.stop()
             stack.stop()
     return result

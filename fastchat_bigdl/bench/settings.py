@@ -11,6 +11,7 @@ from typing import Callable, Optional, Tuple
 from fastchat_bigdl.bench.random_model import LlamaShape, words
 
 OURS, STOCK = "fastchat-bigdl", "stock-fastchat"
+STOCK_BF16 = STOCK + "-bf16"  # the best stock FastChat can do where fp32 does not fit
 LLAMA_CPP = "llama.cpp"
 # Same prompt format for both stacks, so both prefill the same number of tokens.
 CONV_TEMPLATE = "vicuna_v1.1"
@@ -44,7 +45,15 @@ class BenchSettings:
     gguf_path: Optional[str] = None
     profile: bool = False
     concurrency: Tuple[int, ...] = ()  # streams at once, for the sweep (ours only)
+    stock_dtypes: Tuple[str, ...] = ("float32",)  # stock FastChat is measured in each, in order
+    long_prompt_tokens: int = 0  # also the TTFT of one prompt this long (0: not measured)
+    agent_chat_turns: int = 0  # also an AutoGen two-agent chat against ours (0: not run)
+    memory_limit_mb: Optional[float] = None  # a worker's resident memory limit (None: available - 2 GiB)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+def stock_label(dtype: str) -> str:
+    return STOCK_BF16 if dtype == "bfloat16" else STOCK
 
 
 def prompt(s: BenchSettings, n: int, seed: int) -> str:
