@@ -274,6 +274,9 @@ class Llama:
 
     def create_completion(self, prompt, max_tokens, temperature, stream):
         assert stream and temperature == 0 and all(isinstance(t, int) for t in prompt)
+        import os, signal
+        if os.environ.get("FAKE_LLAMA_CPP_CRASH"):  # as a native build on an AMX VM did
+            os.kill(os.getpid(), signal.SIGSEGV)
         for i in range(max_tokens):  # answers with the prompt's last ids, so the test sees what came in
             yield {"choices": [{"text": f" w{prompt[-1 - i % len(prompt)]}"}]}
 '''
@@ -333,6 +336,27 @@ def test_llama_cpp_gets_the_token_ids_the_fastchat_worker_prefills(tmp_path, fak
                                      count=lambda text: len(text.split()))
     assert [r["tokens"] for r in result.decode] == [3]
     assert [t["history_tokens"] for t in result.replay][0] == 12 + len(bench_settings.SYSTEM.split())
+
+
+def test_a_llama_cpp_crash_is_a_result_with_the_fix_not_a_lost_bench(tmp_path, fake_llama_cpp, monkeypatch):
+    from fastchat_bigdl.bench import llama_cpp_peer as bench_llama_cpp
+
+    monkeypatch.setenv("FAKE_LLAMA_CPP_CRASH", "1")
+    model = tmp_path / "bench-m"
+    encode = bench_llama_cpp.chat_prompt_ids(str(model), bench_settings.CONV_TEMPLATE)
+    lines = []
+    result = bench_llama_cpp.measure(settings(tmp_path), str(fake_llama_cpp), lines.append, encode=encode,
+                                     count=lambda text: len(text.split()))
+    assert "exited with code -11" in result.failure and "GGML_AMX_INT8=OFF" in result.failure
+    assert result.decode == [] and any("llama.cpp stopped" in line for line in lines)
+    summary = bench_report.summarize(result, QUICK_SHAPE, 10.0)
+    assert summary["failed"] and summary["decode"]["tok_s"] is None
+    report = fake_report()
+    report["stacks"][bench_settings.LLAMA_CPP] = summary
+    report["vs_llama_cpp"] = bench_report.compare_with_peer(report["stacks"][bench_settings.OURS], summary)
+    report["targets"] = bench_report.targets(report)
+    assert report["targets"]["decode >= 0.6x llama.cpp"]["met"] is False
+    assert "llama.cpp (q4_0): llama.cpp stopped" in bench_report.format_table(report)
 
 
 def test_missing_llama_cpp_is_a_clear_error(tmp_path, monkeypatch, capsys):

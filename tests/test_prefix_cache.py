@@ -128,3 +128,42 @@ def test_concurrent_take_and_put_are_safe():
     for t in threads:
         t.join()
     assert errors == [] and cache.nbytes <= cache.budget_bytes
+
+
+def test_the_default_budget_holds_one_full_context_of_the_model():
+    """A fixed 1 GiB held ~500 tokens of a 7B model's fp32 KV (1 MiB a token): agent chats
+    stopped reusing their history past that and every later turn re-prefilled it."""
+    from types import SimpleNamespace
+
+    from fastchat_bigdl.worker.prefix_cache import default_budget_mb, kv_bytes_per_token
+
+    llama_7b = SimpleNamespace(num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
+                               num_hidden_layers=32)
+    smollm_135m = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                                  num_hidden_layers=30)
+    assert kv_bytes_per_token(llama_7b) == 1 << 20
+    assert default_budget_mb(llama_7b, 4096, 24 << 30) == 4096  # the whole context
+    assert default_budget_mb(llama_7b, 4096, 8 << 30) == 2048  # at most a quarter of the machine
+    assert default_budget_mb(smollm_135m, 8192, 24 << 30) == 1024  # at least 1 GiB
+
+
+def test_a_lean_entry_keeps_only_its_reusable_positions():
+    """A sequence grown by doubling to 1152 positions while using 553 is stored in 576
+    (the allocation quantum), so a budget of 600 positions keeps it; generated positions
+    (not reusable) are not kept either."""
+    from fastchat_bigdl.engine.kv_cache import SequenceKV
+
+    kv = SequenceKV(layers=2, kv_heads=1, head_dim=8)
+    kv.reserve(553)
+    kv.reserve(600)
+    assert kv.capacity == 1152
+    kv.data[:, :, :, :553] = torch.randn(2, 2, 1, 553, 8)
+    kv.length, kv.prefilled = 553, 540  # 13 generated positions
+    per_position = 2 * 2 * 1 * 8 * 4
+    cache = PrefixCache(budget_bytes=600 * per_position)
+    assert kv.nbytes > cache.budget_bytes
+    ids = list(range(3, 556))
+    cache.put(ids, kv)
+    assert len(cache) == 1 and cache.nbytes == 576 * per_position
+    taken, n = cache.take(ids + [9])
+    assert n == 540 and torch.equal(taken.data[:, :, :, :540], kv.data[:, :, :, :540])

@@ -18,15 +18,20 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from fastchat_bigdl.bench.measure import StackResult, agent_replay, decode_runs
+from fastchat_bigdl.bench.measure import StackResult, agent_replay, decode_runs, long_prompt_ttft
 from fastchat_bigdl.bench.settings import LLAMA_CPP
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_cpp_server.py")
 INSTALL_HINT = (
     'pip install "fastchat-bigdl[llama-cpp]" (llama-cpp-python builds from source, 15-30 min on 2 cores; '
-    'on CPUs that report AMX but fault on it, set CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON '
-    '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")'
+    'on CPUs that report AMX but fault on it, set CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
+    '-DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF", plus -DGGML_AVX512=ON '
+    '-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON where the CPU has AVX-512)'
 )
+
+
+CRASH_HINT = ("a segmentation fault in llama.cpp itself: seen with a native build on VMs that report AMX; "
+              "rebuild without AMX: " + INSTALL_HINT)
 
 
 def llama_cpp_version() -> Optional[str]:
@@ -123,17 +128,23 @@ def measure(settings, gguf_path: str, progress: Callable[[str], None], chat_fact
     with them the bench tokenizes and counts, as for the FastChat stacks."""
     result = StackResult(LLAMA_CPP, gguf_file_type(gguf_path))
     progress(f"  {LLAMA_CPP}: loading {Path(gguf_path).name} ({result.low_bit}) ...")
-    chat = chat_factory(gguf_path, threads=settings.threads, n_ctx=min(settings.shape.context, 4096),
-                        encode=encode)
-    count = count or chat.count_tokens
+    chat = None
     try:
+        chat = chat_factory(gguf_path, threads=settings.threads, n_ctx=min(settings.shape.context, 4096),
+                            encode=encode)
+        count = count or chat.count_tokens
         result.starts_s.append(chat.load_s)
         result.load_s.append(chat.load_s)
         progress(f"    ready in {chat.load_s:.1f} s")
         chat([{"role": "user", "content": "hello"}], 2)  # warm-up, as for the stacks
         result.decode = decode_runs(settings, chat, count, progress)
+        result.long_prompt = long_prompt_ttft(settings, chat, count, progress)
         result.replay = agent_replay(settings, chat, count, progress)
         result.peak_rss_mb = chat.peak_rss_mb()
+    except RuntimeError as exc:  # llama.cpp died: a result, the other stacks' numbers still count
+        result.failure = f"llama.cpp stopped: {exc}" + (f"; {CRASH_HINT}" if "code -11" in str(exc) else "")
+        progress(f"    {result.failure}")
     finally:
-        chat.close()
+        if chat is not None:
+            chat.close()
     return result

@@ -63,11 +63,12 @@ class SequenceKV:
     def values(self, layer: int, begin: int, end: int) -> torch.Tensor:
         return self.data[layer, 1, :, begin:end]
 
-    def prefix(self, length: int) -> "SequenceKV":
-        """A private copy of the first ``length`` positions (room for more to come)."""
+    def prefix(self, length: int, room: int = GROWTH_QUANTUM) -> "SequenceKV":
+        """A private copy of the first ``length`` positions, with ``room`` for more to come
+        (0: as compact as the allocation quantum allows, for keeping)."""
         copy = SequenceKV.__new__(SequenceKV)
         copy.limit = self.limit
-        copy.data = torch.zeros(*self.data.shape[:3], self._capped(_round_up(max(1, length) + GROWTH_QUANTUM)),
+        copy.data = torch.zeros(*self.data.shape[:3], self._capped(_round_up(max(1, length + room))),
                                 self.data.shape[4], dtype=self.data.dtype)
         copy.data[:, :, :, :length] = self.data[:, :, :, :length]
         copy.length = length

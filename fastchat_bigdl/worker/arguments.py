@@ -15,7 +15,6 @@ from fastchat_bigdl.lowbit.devices import SUPPORTED_DEVICES
 from fastchat_bigdl.lowbit.formats import UnsupportedFormat, check_format, formats_help
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 
-DEFAULT_PREFIX_CACHE_MB = 1024
 DEFAULT_MAX_QUEUED = 64
 # --limit-worker-concurrency with --bigdl_load (FastChat's own default is 5): the engine
 # batches the decode steps of the streams that run, up to 16 rows a kernel call.
@@ -107,10 +106,11 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--prefix-cache-mb",
         type=int,
-        default=DEFAULT_PREFIX_CACHE_MB,
+        default=None,
         metavar="MB",
         help="Memory budget for reusing the KV cache of earlier requests whose tokens a new "
-        f"prompt starts with (agent chats resend their history); 0 disables (default {DEFAULT_PREFIX_CACHE_MB}).",
+        "prompt starts with (agent chats resend their history); 0 disables (default: one full "
+        "context of the model's KV, at least 1024 and at most a quarter of the machine's memory).",
     )
     group.add_argument(
         "--max-queued-requests",

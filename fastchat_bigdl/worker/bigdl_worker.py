@@ -31,7 +31,8 @@ from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 from fastchat_bigdl.worker.generation import token_loop
-from fastchat_bigdl.worker.prefix_cache import PrefixCache
+from fastchat_bigdl.worker.prefix_cache import (PrefixCache, default_budget_mb, kv_bytes_per_token,
+                                                physical_memory_bytes)
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
 
@@ -81,7 +82,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         trust_remote_code: bool = False,
         optimize_model: Optional[bool] = None,
         low_bit_cache: Optional[str] = None,
-        prefix_cache_mb: int = 0,
+        prefix_cache_mb: Optional[int] = 0,  # None: prefix_cache.default_budget_mb
         revision: str = "main",
         conv_template: Optional[str] = None,
         stream_interval: int = 2,
@@ -125,6 +126,10 @@ class BigDLModelWorker(upstream.ModelWorker):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_len = get_context_length(self.model.config)
+        if prefix_cache_mb is None:
+            prefix_cache_mb = default_budget_mb(self.model.config, self.context_len, physical_memory_bytes())
+            logger.info("prefix cache: %d MiB (one %d-token context of this model's KV, %.2f MiB a token)",
+                        prefix_cache_mb, self.context_len, kv_bytes_per_token(self.model.config) / 2**20)
         self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         stream_func = get_generate_stream_function(self.model, model_path)
         self.runner = None

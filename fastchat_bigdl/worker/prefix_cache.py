@@ -2,7 +2,11 @@
 so the next prompt usually starts with the previous prompt and answer.
 
 Entries are (token ids, KV cache: the lean runner's ``SequenceKV`` or a Hugging Face
-cache) of finished requests, kept LRU under a byte budget.
+cache) of finished requests, kept LRU under a byte budget. A lean-runner entry keeps only
+its reusable positions, compacted (a sequence grown by doubling can hold twice what it
+uses); the default budget holds at least one full context of the served model
+(``default_budget_mb``): a 7B model's KV is ~1 MiB a token in fp32, so a fixed 1 GiB
+stopped reusing an agent chat past ~500 tokens.
 A request takes the entry sharing the longest token prefix with its prompt and gets a
 *copy* of that prefix: ipex-llm / bigdl-llm append to their caches in place (into
 preallocated storage), so a stored entry is never handed out, only cloned, and is
@@ -11,6 +15,7 @@ token prefix depends on nothing but those tokens.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
@@ -69,6 +74,28 @@ def cache_prefix(kv, length: int):
     return copy
 
 
+MIN_BUDGET_MB = 1024
+
+
+def kv_bytes_per_token(config) -> int:
+    """Bytes of fp32 keys and values one position takes in every layer."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * 4
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget_mb(config, context_len: int, memory_bytes: int) -> int:
+    """One full context of this model's KV, at least ``MIN_BUDGET_MB`` and at most a
+    quarter of the machine's memory."""
+    full_context = kv_bytes_per_token(config) * context_len >> 20
+    return int(min(max(MIN_BUDGET_MB, full_context), memory_bytes // 4 >> 20))
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -118,12 +145,15 @@ class PrefixCache:
 
     def put(self, token_ids: Sequence[int], kv) -> None:
         """Keep the KV of a finished request (``token_ids`` = the tokens it holds)."""
-        if self.budget_bytes <= 0 or kv is None:
+        if self.budget_bytes <= 0 or kv is None or cache_length(kv) != len(token_ids):
             return
+        reusable = cache_reusable(kv)
+        if isinstance(kv, SequenceKV):  # keep what can be reused, and no spare room
+            kv = kv.prefix(reusable, room=0)
         size = cache_nbytes(kv)
-        if size > self.budget_bytes or cache_length(kv) != len(token_ids):
+        if size > self.budget_bytes:
             return
-        ids = tuple(token_ids[:cache_reusable(kv)])
+        ids = tuple(token_ids[:reusable])
         with self._lock:
             # An entry that is a prefix of the new one is now redundant.
             for key in [k for k, (old, _, _) in self._entries.items() if ids[:len(old)] == old]:
