@@ -31,18 +31,24 @@ class StackResult:
     peak_rss_mb: Optional[float] = None
     concurrency: List[dict] = field(default_factory=list)
     start_peak_rss_mb: List[Optional[float]] = field(default_factory=list)  # each start's worker, to ready
+    # the same without file-backed pages: a checkpoint read through mmap is page cache the
+    # kernel drops under pressure, so this is the memory a start needs
+    start_peak_anon_mb: List[Optional[float]] = field(default_factory=list)
     long_prompt: Optional[dict] = None  # TTFT of one long prompt (settings.long_prompt_tokens)
     agent_chat: Optional[dict] = None  # an AutoGen two-agent chat's turns (bench.agent_chat)
     failure: Optional[str] = None  # why this stack could not be measured (e.g. it did not fit)
 
 
 class MemoryWatchdog:
-    """Kills one process (the worker) when its resident memory passes ``limit_mb``, before
+    """Kills one process (the worker) when its anonymous memory passes ``limit_mb``, before
     the machine swaps or the kernel's OOM killer picks a victim of its own: stock FastChat
-    loading a 7B model in fp32 needs more than these machines have."""
+    loading a 7B model in fp32 needs more than these machines have. Anonymous, not all
+    resident memory: a checkpoint mapped from disk counts in RSS but is page cache the
+    kernel reclaims. Also records the peak anonymous memory it saw (``peak_anon_mb``)."""
 
     def __init__(self, pid: int, limit_mb: float, poll_s: float = 0.1):
         self.pid, self.limit_mb, self.poll_s = pid, limit_mb, poll_s
+        self.peak_anon_mb = 0.0
         self.killed_at_mb: Optional[float] = None
         self.started = time.perf_counter()
         self.killed_after_s: Optional[float] = None
@@ -52,11 +58,12 @@ class MemoryWatchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            rss = rss_mb(self.pid)
-            if rss is None:
+            anon = anon_mb(self.pid)
+            if anon is None:
                 return
-            if rss > self.limit_mb:
-                self.killed_at_mb, self.killed_after_s = rss, time.perf_counter() - self.started
+            self.peak_anon_mb = max(self.peak_anon_mb, anon)
+            if anon > self.limit_mb:
+                self.killed_at_mb, self.killed_after_s = anon, time.perf_counter() - self.started
                 try:
                     os.kill(self.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -69,7 +76,7 @@ class MemoryWatchdog:
 
     def describe(self) -> str:
         return (f"did not fit: the bench's memory watchdog stopped the worker at {self.killed_at_mb / 1024:.1f} GiB "
-                f"resident (limit {self.limit_mb / 1024:.1f} GiB) after {self.killed_after_s:.0f} s of loading")
+                f"of anonymous memory (limit {self.limit_mb / 1024:.1f} GiB) after {self.killed_after_s:.0f} s of loading")
 
 
 def available_memory_mb() -> Optional[float]:
@@ -83,8 +90,9 @@ def available_memory_mb() -> Optional[float]:
     return None
 
 
-def rss_mb(pid: int) -> Optional[float]:
-    return _status_mb(pid, "VmRSS:")
+def anon_mb(pid: int) -> Optional[float]:
+    """Resident anonymous memory (heap, tensors): what cannot be dropped as page cache."""
+    return _status_mb(pid, "RssAnon:")
 
 
 def measure_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -271,11 +279,13 @@ def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: O
                 return result
             result.starts_s.append(time.perf_counter() - began)
             result.start_peak_rss_mb.append(peak_rss_mb(stack.child("worker").proc.pid))
+            result.start_peak_anon_mb.append(watchdog.peak_anon_mb or None)
             load = worker_load_seconds(stack.child("worker").log_path.read_text(errors="replace"))
             if load is not None:
                 result.load_s.append(load)
             progress(f"    ready in {result.starts_s[-1]:.1f} s, worker peak RSS "
-                     f"{(result.start_peak_rss_mb[-1] or 0) / 1024:.1f} GiB")
+                     f"{(result.start_peak_rss_mb[-1] or 0) / 1024:.1f} GiB "
+                     f"({(result.start_peak_anon_mb[-1] or 0) / 1024:.1f} GiB anonymous)")
             if start == starts - 1:
                 stream_chat(stack.base_url, model_name, [{"role": "user", "content": "w5 w6"}], 2)  # warm-up
                 chat = functools.partial(stream_chat, stack.base_url, model_name)
