@@ -167,3 +167,21 @@ def test_a_lean_entry_keeps_only_its_reusable_positions():
     assert len(cache) == 1 and cache.nbytes == 576 * per_position
     taken, n = cache.take(ids + [9])
     assert n == 540 and torch.equal(taken.data[:, :, :, :540], kv.data[:, :, :, :540])
+
+
+def test_a_reused_lean_prefix_is_allocated_once_for_the_whole_request():
+    """Room for the prompt's rest and the new tokens comes with the copy: a 7B agent turn
+    (802 reused, 83 to prefill, 32 to generate) held 1792 positions after doubling, 1.75 GiB
+    of KV, for 917 used."""
+    from fastchat_bigdl.engine.kv_cache import SequenceKV
+
+    kv = SequenceKV(layers=1, kv_heads=1, head_dim=4, capacity=832)
+    kv.length = kv.prefilled = 802
+    cache = PrefixCache(budget_bytes=1 << 30)
+    ids = list(range(802))
+    cache.put(ids, kv)
+    taken, n = cache.take(ids + list(range(900, 983)), total_positions=885 + 32)
+    assert n == 802 and taken.capacity == 960  # 917 rounded up to the allocation quantum
+    for position in range(n, 917):  # the request fills it without growing
+        taken.reserve(position + 1)
+    assert taken.capacity == 960

@@ -132,7 +132,7 @@ def token_loop(
     # Prompt logprobs need the logits of every prompt position: no reuse then.
     past, reused = (None, 0)
     if prefix_cache is not None and not (echo and logprobs is not None):
-        past, reused = prefix_cache.take(input_ids)
+        past, reused = prefix_cache.take(input_ids, total_positions=len(input_ids) + max_new_tokens)
     fed: List[int] = list(input_ids[:reused])
     pending: List[int] = list(input_ids[reused:])
     if prefix_cache is not None:

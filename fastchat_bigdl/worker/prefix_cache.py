@@ -58,10 +58,12 @@ def cache_nbytes(kv) -> int:
     return total
 
 
-def cache_prefix(kv, length: int):
-    """A new cache of the same kind holding copies of the first ``length`` positions."""
+def cache_prefix(kv, length: int, room: int = 0):
+    """A new cache of the same kind holding copies of the first ``length`` positions (a
+    lean one with ``room`` for the positions the request will add: allocated once, not
+    grown by doubling, which at 7B is a GiB of KV more than needed)."""
     if isinstance(kv, SequenceKV):
-        return kv.prefix(length)
+        return kv.prefix(length, room=room) if room else kv.prefix(length)
     layers = [(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in kv_layers(kv)]
     if not hasattr(kv, "key_cache"):
         return tuple(layers)
@@ -123,9 +125,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def take(self, token_ids: Sequence[int]) -> Tuple[Optional[object], int]:
+    def take(self, token_ids: Sequence[int], total_positions: int = 0) -> Tuple[Optional[object], int]:
         """(a private copy of the longest cached prefix of ``token_ids``, its length);
-        at least one token is always left to feed, so the model yields logits."""
+        at least one token is always left to feed, so the model yields logits.
+        ``total_positions``: how many the request may reach (prompt + new tokens), to
+        allocate the copy's room once."""
         with self._lock:
             best_key, best_len = None, 0
             for key, (ids, _, _) in self._entries.items():
@@ -141,7 +145,7 @@ class PrefixCache:
             self.hits += 1
             self.reused_tokens += best_len
         # Cloning outside the lock: stored entries are immutable, eviction only drops a reference.
-        return cache_prefix(kv, best_len), best_len
+        return cache_prefix(kv, best_len, max(0, total_positions - best_len)), best_len
 
     def put(self, token_ids: Sequence[int], kv) -> None:
         """Keep the KV of a finished request (``token_ids`` = the tokens it holds)."""
