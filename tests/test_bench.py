@@ -141,6 +141,12 @@ def test_at_7b_stock_fp32_that_did_not_fit_is_reported_and_bf16_is_the_baseline(
     assert "TTFT, 1000-token prompt (s)" in table and "16900 / 4900 (convert / cached)" in table
     bench_report.plot(report, tmp_path / "bench.png")  # the failed stack has no series
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    # --stock-dtypes none: this package alone
+    alone = {**report, "stacks": {bench_settings.OURS: stacks[bench_settings.OURS]}, "baseline": None}
+    alone["ratios"] = bench_report.compare(stacks[bench_settings.OURS], None)
+    alone["targets"] = bench_report.targets(alone)
+    assert alone["targets"]["decode >= 2x stock bf16"]["value"] is None
+    assert "fastchat-bigdl (sym_int4)" in bench_report.format_table(alone)
 
 
 def test_memory_watchdog_stops_only_the_process_that_grows():
@@ -386,6 +392,10 @@ def test_against_llama_cpp_compares_the_demo_gguf_with_its_converted_checkpoint(
     assert bench_main.concurrency_levels("0", quick=False) == ()
     with pytest.raises(SystemExit, match="numbers like 1,2,4,8"):
         bench_main.concurrency_levels("two", quick=False)
+    assert bench_main.stock_dtypes("float32, bfloat16") == ("float32", "bfloat16")
+    assert bench_main.stock_dtypes("none") == ()
+    with pytest.raises(SystemExit, match="float32, bfloat16, float16 or none"):
+        bench_main.stock_dtypes("fp8")
     with pytest.raises(SystemExit, match="needs --gguf"):
         bench_main.settings_from_args(argparse.Namespace(**{**vars(args), "model_path": "/some/model"}))
 

@@ -139,7 +139,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                              "(default 1,2,4,8,16; --quick 1,2; 0 skips it)")
     parser.add_argument("--stock-dtypes", default=None, metavar="DTYPE,...",
                         help="Stock FastChat's dtypes, measured in order (default float32; with --shape 7b "
-                             "float32,bfloat16: fp32 does not fit in 24 GB and is stopped by a memory watchdog)")
+                             "float32,bfloat16: fp32 does not fit in 24 GB and is stopped by a memory watchdog; "
+                             "none: this package alone)")
     parser.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
                         help="Also the time to first token of one prompt this long (default 0; --shape 7b 1000)")
     parser.add_argument("--agent-chat", type=int, default=None, metavar="TURNS",
@@ -166,7 +167,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     else:
         shape = SHAPES[args.shape] if getattr(args, "shape", None) else (QUICK_SHAPE if quick else DEFAULT_SHAPE)
     big = shape.params >= SHAPE_7B.params // 2  # seconds a token for stock: fewer, shorter runs
-    option = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
+
+    def option(name: str, default):
+        given = getattr(args, name, None)
+        return default if given is None else given
+
     return BenchSettings(
         shape=shape, model_path=model_path, low_bit=args.low_bit,
         prompt_tokens=32 if quick else 128, max_tokens=16 if quick else (32 if big else 64),
@@ -185,10 +190,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def stock_dtypes(text: str) -> tuple:
+    """``none``: no stock stack (this package alone, e.g. to re-measure it at 7B)."""
+    if text.strip() == "none":
+        return ()
     dtypes = tuple(part.strip() for part in text.split(",") if part.strip())
     wrong = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
     if wrong or not dtypes:
-        raise SystemExit(f"fastchat-bigdl bench: --stock-dtypes takes float32, bfloat16 or float16, not {text!r}")
+        raise SystemExit("fastchat-bigdl bench: --stock-dtypes takes float32, bfloat16, float16 or none, "
+                         f"not {text!r}")
     return dtypes
 
 
@@ -207,7 +216,7 @@ def concurrency_levels(text: Optional[str], quick: bool) -> tuple:
 def main_args(args: argparse.Namespace) -> int:
     s = settings_from_args(args)
     peers = f" and {LLAMA_CPP} ({os.path.basename(s.gguf_path or 'the bench model in Q4_0')})" if s.against else ""
-    stocks = " and ".join(f"{stock_label(d)} ({d})" for d in s.stock_dtypes)
+    stocks = " and ".join(f"{stock_label(d)} ({d})" for d in s.stock_dtypes) or "no stock stack"
     print(f"fastchat-bigdl bench: {OURS} ({s.low_bit}) vs {stocks}{peers}, results in {s.out_dir}", flush=True)
     if s.against:
         from fastchat_bigdl.bench.llama_cpp_peer import INSTALL_HINT, llama_cpp_version

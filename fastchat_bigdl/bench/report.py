@@ -263,7 +263,7 @@ def plot(report: dict, path: Path) -> None:
         colors += [color, "lightgray"]
     bars = right.bar(labels, values, color=colors)
     right.tick_params(axis="x", labelsize=8)
-    right.bar_label(bars, fmt="%.0f")
+    right.bar_label(bars, fmt="%.1f" if max(values) < 20 else "%.0f")  # a 7B model decodes at a few tok/s
     right.set(title="Decode speed through the API (gray: memory roofline)", ylabel="tokens/s (log)", yscale="log")
     fig.suptitle(f"{report['model']['name']} ({report['model']['params'] / 1e6:.0f} M params), "
                  f"{report['machine']['cpus']} CPUs, {report['machine']['bandwidth_gbs']:.0f} GB/s")
