@@ -67,7 +67,7 @@ def test_greedy_answers_do_not_depend_on_the_cache_or_on_other_requests(demo_pat
     log = (tmp_path / "worker.out").read_text()
     assert "decode path: lean Llama runner" in log
     # the default budget: one full context of this model's KV (8192 x 45 KiB), at least 1 GiB
-    assert "prefix cache: 1024 MiB (one 8192-token context of this model's KV, 0.04 MiB a token)" in log
+    assert "prefix cache: 1024 MiB (one 8192-token context of this model's KV on CPU, 0.04 MiB a token)" in log
     assert all(alone), alone
     assert again == alone
     assert together == alone

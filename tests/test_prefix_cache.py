@@ -145,6 +145,7 @@ def test_the_default_budget_holds_one_full_context_of_the_model():
     assert default_budget_mb(llama_7b, 4096, 24 << 30) == 4096  # the whole context
     assert default_budget_mb(llama_7b, 4096, 8 << 30) == 2048  # at most a quarter of the machine
     assert default_budget_mb(smollm_135m, 8192, 24 << 30) == 1024  # at least 1 GiB
+    assert default_budget_mb(llama_7b, 4096, 24 << 30, device="xpu") == 1024  # beside the weights on the GPU
 
 
 def test_a_lean_entry_keeps_only_its_reusable_positions():

@@ -80,14 +80,7 @@ class MemoryWatchdog:
 
 
 def available_memory_mb() -> Optional[float]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _proc_field_mb("/proc/meminfo", "MemAvailable:")
 
 
 def anon_mb(pid: int) -> Optional[float]:
@@ -182,15 +175,20 @@ def concurrency_sweep(s: BenchSettings, base_url: str, model: str, count: Callab
     return results
 
 
-def _status_mb(pid: int, key: str) -> Optional[float]:
+def _proc_field_mb(path: str, key: str) -> Optional[float]:
+    """A ``key: N kB`` line of a /proc file, in MiB."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _status_mb(pid: int, key: str) -> Optional[float]:
+    return _proc_field_mb(f"/proc/{pid}/status", key)
 
 
 def peak_rss_mb(pid: int) -> Optional[float]:

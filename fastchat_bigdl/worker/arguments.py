@@ -109,8 +109,9 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         metavar="MB",
         help="Memory budget for reusing the KV cache of earlier requests whose tokens a new "
-        "prompt starts with (agent chats resend their history); 0 disables (default: one full "
-        "context of the model's KV, at least 1024 and at most a quarter of the machine's memory).",
+        "prompt starts with (agent chats resend their history); 0 disables (default on CPU: one "
+        "full context of the model's KV, at least 1024 and at most a quarter of the machine's "
+        "memory; on xpu 1024).",
     )
     group.add_argument(
         "--max-queued-requests",

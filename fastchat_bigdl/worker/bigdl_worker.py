@@ -127,8 +127,8 @@ class BigDLModelWorker(upstream.ModelWorker):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_len = get_context_length(self.model.config)
         if prefix_cache_mb is None:
-            prefix_cache_mb = default_budget_mb(self.model.config, self.context_len, physical_memory_bytes())
-            logger.info("prefix cache: %d MiB (one %d-token context of this model's KV, %.2f MiB a token)",
+            prefix_cache_mb = default_budget_mb(self.model.config, self.context_len, physical_memory_bytes(), device)
+            logger.info("prefix cache: %d MiB (one %d-token context of this model's KV on CPU, %.2f MiB a token)",
                         prefix_cache_mb, self.context_len, kv_bytes_per_token(self.model.config) / 2**20)
         self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         stream_func = get_generate_stream_function(self.model, model_path)

@@ -91,9 +91,12 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_budget_mb(config, context_len: int, memory_bytes: int) -> int:
-    """One full context of this model's KV, at least ``MIN_BUDGET_MB`` and at most a
-    quarter of the machine's memory."""
+def default_budget_mb(config, context_len: int, memory_bytes: int, device: str = "cpu") -> int:
+    """On CPU one full context of this model's KV, at least ``MIN_BUDGET_MB`` and at most a
+    quarter of the machine's memory; on a GPU ``MIN_BUDGET_MB`` (the entries live in its
+    memory, beside the weights)."""
+    if device != "cpu":
+        return MIN_BUDGET_MB
     full_context = kv_bytes_per_token(config) * context_len >> 20
     return int(min(max(MIN_BUDGET_MB, full_context), memory_bytes // 4 >> 20))
 
