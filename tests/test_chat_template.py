@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fastchat_bigdl.adapter import conversation_for
-from fastchat_bigdl.common.chat_template import conversation_from_chat_template, render
+from fastchat_bigdl.common.chat_template import conversation_from_chat_template, conversation_prompt, render
 from helpers import CHATML_TEMPLATE, build_tiny_llama
 
 ZEPHYR_LIKE = (
@@ -18,14 +18,7 @@ def tokenizer_with(tmp_path, template):
 
 
 def prompt_of(conv, messages):
-    conv = conv.copy()
-    for m in messages:
-        if m["role"] == "system":
-            conv.set_system_message(m["content"])
-        else:
-            conv.append_message(conv.roles[0 if m["role"] == "user" else 1], m["content"])
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    return conversation_prompt(conv, messages)
 
 
 CHAT = [

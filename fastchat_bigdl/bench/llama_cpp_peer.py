@@ -104,17 +104,14 @@ def chat_prompt_ids(model_path: str, conv_template: str) -> Callable[[List[dict]
     from fastchat.conversation import get_conv_template
     from transformers import AutoTokenizer
 
+    from fastchat_bigdl.common.chat_template import conversation_prompt
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
+    conv = get_conv_template(conv_template)
+
     def encode(messages: List[dict]) -> List[int]:
-        conv = get_conv_template(conv_template)
-        for message in messages:
-            if message["role"] == "system":
-                conv.set_system_message(message["content"])
-            else:
-                conv.append_message(conv.roles[0 if message["role"] == "user" else 1], message["content"])
-        conv.append_message(conv.roles[1], None)
-        return tokenizer(conv.get_prompt()).input_ids
+        return tokenizer(conversation_prompt(conv, messages)).input_ids
 
     return encode
 

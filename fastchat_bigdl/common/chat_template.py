@@ -72,14 +72,21 @@ def render(template: str, messages: List[Dict[str, str]], tokenizer, **variables
     return text
 
 
-def _conversation_prompt(conv: Conversation, system: Optional[str], *turns: str) -> str:
+def conversation_prompt(conv: Conversation, messages: List[Dict[str, str]]) -> str:
+    """The prompt FastChat's API server renders for OpenAI-style ``messages`` with
+    ``conv`` (a system message replaces the template's; the reply is left open)."""
     conv = conv.copy()
-    if system is not None:
-        conv.set_system_message(system)
-    for i, text in enumerate(turns):
-        conv.append_message(conv.roles[i % 2], text)
+    for message in messages:
+        if message["role"] == "system":
+            conv.set_system_message(message["content"])
+        else:
+            conv.append_message(conv.roles[0 if message["role"] == "user" else 1], message["content"])
     conv.append_message(conv.roles[1], None)
     return conv.get_prompt()
+
+
+def _conversation_prompt(conv: Conversation, system: Optional[str], *turns: str) -> str:
+    return conversation_prompt(conv, _messages(system, *turns))
 
 
 def _reproduces(conv: Conversation, template: str, tokenizer) -> bool:
