@@ -42,6 +42,14 @@ def llama_cpp_version() -> Optional[str]:
     return getattr(llama_cpp, "__version__", "unknown")
 
 
+class LlamaCppExited(RuntimeError):
+    """The llama.cpp process ended; ``code`` is its exit code (-11: a segmentation fault)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"llama.cpp exited with code {code} (its error is above)")
+        self.code = code
+
+
 class LlamaCppProcess:
     """``bench.Chat`` backed by a llama.cpp process: call it with (messages, max_tokens)."""
 
@@ -56,7 +64,7 @@ class LlamaCppProcess:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"llama.cpp exited with code {self.proc.wait()} (its error is above)")
+            raise LlamaCppExited(self.proc.wait())
         return json.loads(line)
 
     def _ask(self, request: dict) -> dict:
@@ -107,7 +115,6 @@ def chat_prompt_ids(model_path: str, conv_template: str) -> Callable[[List[dict]
     from fastchat_bigdl.common.chat_template import conversation_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-
     conv = get_conv_template(conv_template)
 
     def encode(messages: List[dict]) -> List[int]:
@@ -138,8 +145,8 @@ def measure(settings, gguf_path: str, progress: Callable[[str], None], chat_fact
         result.long_prompt = long_prompt_ttft(settings, chat, count, progress)
         result.replay = agent_replay(settings, chat, count, progress)
         result.peak_rss_mb = chat.peak_rss_mb()
-    except RuntimeError as exc:  # llama.cpp died: a result, the other stacks' numbers still count
-        result.failure = f"llama.cpp stopped: {exc}" + (f"; {CRASH_HINT}" if "code -11" in str(exc) else "")
+    except LlamaCppExited as exc:  # llama.cpp died: a result, the other stacks' numbers still count
+        result.failure = f"llama.cpp stopped: {exc}" + (f"; {CRASH_HINT}" if exc.code == -11 else "")
         progress(f"    {result.failure}")
     finally:
         if chat is not None:

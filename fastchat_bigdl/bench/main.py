@@ -55,15 +55,15 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     if "llama-cpp" in s.against:
         from fastchat_bigdl.bench import llama_cpp_peer
 
-        peer_args = {}
-        if not s.gguf_path:  # the bench model: the same weights in Q4_0, prompts tokenized here
+        gguf_path, peer_args = s.gguf_path, {}
+        if not gguf_path:  # the bench model: the same weights in Q4_0, prompts tokenized here
             from fastchat_bigdl.bench.gguf_export import export_gguf
 
             progress(f"exporting {model_name} to GGUF Q4_0 for llama.cpp ...")
-            s.gguf_path = str(export_gguf(Path(model_path), Path(model_path).with_suffix(".q4_0.gguf"),
-                                          progress=progress))
+            gguf_path = str(export_gguf(Path(model_path), Path(model_path).with_suffix(".q4_0.gguf"),
+                                        progress=progress))
             peer_args = {"encode": llama_cpp_peer.chat_prompt_ids(model_path, s.conv_template), "count": count}
-        results[LLAMA_CPP] = (measure_peer or llama_cpp_peer.measure)(s, s.gguf_path, progress, **peer_args)
+        results[LLAMA_CPP] = (measure_peer or llama_cpp_peer.measure)(s, gguf_path, progress, **peer_args)
     profile = None
     if s.profile:
         from fastchat_bigdl.bench.profile import run_profile
@@ -84,7 +84,7 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
         report["ratios"].update(compare_with_profile(report["stacks"][OURS], profile))
     if LLAMA_CPP in report["stacks"]:
         report["vs_llama_cpp"] = compare_with_peer(report["stacks"][OURS], report["stacks"][LLAMA_CPP])
-        report["llama_cpp"] = {"version": llama_cpp_peer.llama_cpp_version(), "gguf": s.gguf_path}
+        report["llama_cpp"] = {"version": llama_cpp_peer.llama_cpp_version(), "gguf": gguf_path}
     report["targets"] = targets(report)
     (s.out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, s.out_dir / "bench.png")

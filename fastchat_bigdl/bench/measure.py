@@ -103,24 +103,14 @@ def measure_bandwidth(mb: int = 256, repeats: int = 5) -> float:
 
 
 def stream_chat(base_url: str, model: str, messages: List[dict], max_tokens: int) -> Tuple[float, float, str]:
-    """(time to first token, total time, text) of one streamed chat completion."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    """(time to first token, total time, text) of one streamed chat completion; an error
+    answer raises."""
     started = time.perf_counter()
-    first, text = None, ""
-    with requests.post(base_url + "/chat/completions", json=body, stream=True, timeout=1800) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error_code" in chunk:
-                raise RuntimeError(f"the server answered an error: {chunk}")
-            delta = chunk["choices"][0]["delta"].get("content")
-            if delta:
-                first = first or time.perf_counter()
-                text += delta
+    arrivals, text, error = timed_stream(base_url, model, messages, max_tokens)
+    if error:
+        raise RuntimeError(f"the server answered an error: {error}")
     ended = time.perf_counter()
-    return (first or ended) - started, ended - started, text
+    return (arrivals[0] if arrivals else ended) - started, ended - started, text
 
 
 def timed_stream(base_url: str, model: str, messages: List[dict], max_tokens: int) -> Tuple[List[float], str, str]:
@@ -221,9 +211,10 @@ def long_prompt_ttft(s: BenchSettings, chat: Chat, count: Callable[[str], int], 
     if not s.long_prompt_tokens:
         return None
     text = prompt(s, s.long_prompt_tokens, 7)
-    ttft, total, _ = chat([{"role": "user", "content": text}], 2)
-    progress(f"    {count(text)}-token prompt: ttft {ttft:.1f} s")
-    return {"prompt_tokens": count(text), "ttft_s": ttft}
+    ttft, _, _ = chat([{"role": "user", "content": text}], 2)
+    tokens = count(text)
+    progress(f"    {tokens}-token prompt: ttft {ttft:.1f} s")
+    return {"prompt_tokens": tokens, "ttft_s": ttft}
 
 
 def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], progress) -> List[dict]:
