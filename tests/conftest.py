@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -7,9 +8,15 @@ import pytest
 
 # FastChat writes log files into $LOGDIR at import time; keep them out of the tree.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Converted models and low-bit weights go to a per-run cache, not the user's.
-os.environ.setdefault("FASTCHAT_BIGDL_CACHE", tempfile.mkdtemp(prefix="fastchat-bigdl-test-cache-"))
-os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="fastchat-bigdl-test-logs-"))
+# Converted models and low-bit weights go to a per-run cache, not the user's; the
+# directories this run made are removed when it ends (the demo model's conversion alone is
+# 1.6 GB, and left behind they filled the disk run after run).
+_MADE_HERE = []
+for _name, _prefix in (("FASTCHAT_BIGDL_CACHE", "fastchat-bigdl-test-cache-"),
+                       ("LOGDIR", "fastchat-bigdl-test-logs-")):
+    if _name not in os.environ:
+        os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
+        _MADE_HERE.append(os.environ[_name])
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import CHATML_TEMPLATE, build_tiny_llama  # noqa: E402
@@ -18,6 +25,11 @@ from helpers import CHATML_TEMPLATE, build_tiny_llama  # noqa: E402
 # openai 0.28, autogen-agentchat on pydantic 2): nox runs it in virtualenvs of its own.
 FLAVOR_ENV = "FASTCHAT_BIGDL_FLAVOR_TESTS"
 collect_ignore_glob = [] if os.environ.get(FLAVOR_ENV) else ["flavors/*"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for path in _MADE_HERE:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
