@@ -1,23 +1,27 @@
-"""fastchat-bigdl: serve LLMs in low-bit on Intel GPUs and CPUs through FastChat."""
-import os as _os
+"""fastchat-bigdl: serve LLMs in low-bit on Intel GPUs and CPUs through FastChat.
 
-# The proxy settings as the user has them, for `fastchat-bigdl doctor` to diagnose
-# (taken before autogen_local, imported next, adds loopback to no_proxy).
-ORIGINAL_PROXY_ENV = {k: _os.environ.get(k) for k in
-                      ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")}
-
-from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback  # noqa: E402
+Importing the package (or any module of it) defines things and changes nothing else: it
+registers no adapter, leaves the environment alone and imports neither torch nor
+transformers unless the module imported needs them. The one exception is how FastChat is
+first imported: with its ``LOGDIR`` empty, so FastChat's modules write no log file when
+imported (``common.logs``). The entry points do the rest when they start: the worker and
+``serve`` register the BigDL adapter with FastChat's registry and every process keeps
+proxies off loopback. Code that runs upstream ``fastchat.serve.model_worker`` on a
+``-bigdl`` model directory calls ``register()`` first.
+"""
+from fastchat_bigdl.common.logs import import_fastchat_without_log_files
 
 __version__ = "0.1.0"
 
-# Before anything creates an HTTP client: a proxy must never see loopback traffic.
-bypass_proxy_for_loopback()
+import_fastchat_without_log_files()
 
-from fastchat_bigdl.common.logs import fastchat_imported_without_log_files  # noqa: E402
 
-with fastchat_imported_without_log_files():  # importing this package writes no file
-    from fastchat_bigdl.adapter import BigDLLLMAdapter, register  # noqa: E402
+def register():
+    """Register the BigDL adapter in FastChat's adapter registry (once, first in line);
+    returns it. Imports the low-bit loading stack (torch, transformers)."""
+    from fastchat_bigdl.adapter import register as register_adapter
 
-bigdl_adapter = register()
+    return register_adapter()
 
-__all__ = ["BigDLLLMAdapter", "bigdl_adapter", "__version__"]
+
+__all__ = ["register", "__version__"]

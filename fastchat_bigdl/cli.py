@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
+
+    bypass_proxy_for_loopback()  # before any HTTP client exists: no proxy sees loopback traffic
     args = build_parser().parse_args(argv)
     return args.run(args)
 

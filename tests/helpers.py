@@ -147,80 +147,38 @@ def worker_address(stack) -> str:
     return r.json()["address"]
 
 
-def permute_rope(weight, n_head: int):
-    """llama.cpp's Q/K row order (the inverse of the converter's ``unpermute_rope``)."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
 def write_tiny_gguf(hf_dir: Path, out: Path, quant: str = "F32", arch: str = "llama",
                     pre: Optional[str] = "gpt-2") -> Path:
-    """A GGUF of a tiny Hugging Face Llama (``build_tiny_llama``), laid out as llama.cpp's
-    converter writes it: GGUF tensor names, permuted Q/K rows, the BPE vocabulary and merges,
-    control-token types and the chat template, weights as F32 or quantized (``quant``)."""
-    import numpy as np
-    import gguf
-    from safetensors.numpy import load_file
+    """A GGUF of a tiny Hugging Face Llama or Mistral (``build_tiny_llama``), laid out as
+    llama.cpp's converter writes it, by the package's own writer (``bench.gguf_export.write_gguf``:
+    GGUF tensor names, permuted Q/K rows, weights as F32 or quantized to ``quant``) with the
+    tokenizer's byte-level BPE vocabulary and merges, control-token types and chat template.
+    ``arch`` and ``pre`` are what the file claims, so tests can make ones the reader refuses."""
     from transformers import AutoTokenizer
 
-    cfg = json.loads((hf_dir / "config.json").read_text())
+    from fastchat_bigdl.bench.gguf_export import NORMAL_TOKEN, write_gguf
+    from fastchat_bigdl.lowbit.gguf_checkpoint import CONTROL_TOKEN
+
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     spec = json.loads(tok.backend_tokenizer.to_str())
-    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
     added = {t["content"]: t["id"] for t in spec["added_tokens"]}
-    tokens = [t for t, _ in vocab]
-    for content, i in sorted(added.items(), key=lambda kv: kv[1]):
-        if i >= len(tokens):
-            tokens.append(content)
+    tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [t for t, i in sorted(added.items(), key=lambda kv: kv[1]) if i >= len(tokens)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
-    writer.add_tokenizer_model("gpt2")
-    if pre:
-        writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in added else 1 for t in tokens])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tok.bos_token_id)
-    writer.add_eos_token_id(tok.eos_token_id)
-    writer.add_unk_token_id(tok.unk_token_id)
     template = tok.init_kwargs.get("chat_template")
-    if template:
-        writer.add_chat_template(template)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down"}
-    qtype = gguf.GGMLQuantizationType[quant]
-    for name, value in load_file(str(hf_dir / "model.safetensors")).items():
-        if name.endswith("rotary_emb.inv_freq"):  # a buffer transformers 4.31 saves; GGUF has none
-            continue
-        value = value.astype(np.float32)
-        if name in names:
-            gguf_name = names[name]
-        else:
-            layer, rest = name[len("model.layers."):].split(".", 1)
-            kind = layer_names[rest[: -len(".weight")]]
-            gguf_name = f"blk.{layer}.{kind}.weight"
-            if kind == "attn_q":
-                value = permute_rope(value, cfg["num_attention_heads"])
-            elif kind == "attn_k":
-                value = permute_rope(value, cfg["num_key_value_heads"])
-        if value.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(gguf_name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+
+    def add_bpe_vocabulary(writer) -> None:
+        writer.add_tokenizer_model("gpt2")
+        if pre:
+            writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([CONTROL_TOKEN if t in added else NORMAL_TOKEN for t in tokens])
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(tok.bos_token_id)
+        writer.add_eos_token_id(tok.eos_token_id)
+        writer.add_unk_token_id(tok.unk_token_id)
+        if template:
+            writer.add_chat_template(template)
+
+    config = json.loads((hf_dir / "config.json").read_text())  # any config: tests also write odd ones
+    return write_gguf(hf_dir, out, config, add_bpe_vocabulary, quant, arch)

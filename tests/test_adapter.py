@@ -1,12 +1,19 @@
+import pytest
 from fastchat.model.model_adapter import get_conversation_template, get_model_adapter, model_adapters
 
 import fastchat_bigdl
 from fastchat_bigdl.adapter import BigDLLLMAdapter, register
 
 
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    return fastchat_bigdl.register()
+
+
 def test_registered_once_and_first_in_fastchats_registry():
-    assert isinstance(model_adapters[0], BigDLLLMAdapter)
-    assert register() is fastchat_bigdl.bigdl_adapter
+    adapter = fastchat_bigdl.register()
+    assert isinstance(model_adapters[0], BigDLLLMAdapter) and model_adapters[0] is adapter
+    assert register() is adapter and fastchat_bigdl.register() is adapter
     assert sum(isinstance(a, BigDLLLMAdapter) for a in model_adapters) == 1
 
 

@@ -50,13 +50,14 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, 
     from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 
     threads = {}
-    load = fastchat_bigdl.bigdl_adapter.load_model
+    adapter = fastchat_bigdl.register()
+    load = adapter.load_model
 
     def recording_load(*args, **kwargs):
         threads["load"] = threading.current_thread().name
         return load(*args, **kwargs)
 
-    mocker.patch.object(fastchat_bigdl.bigdl_adapter, "load_model", side_effect=recording_load)
+    mocker.patch.object(adapter, "load_model", side_effect=recording_load)
     choose = bigdl_worker.choose_forward
 
     def recording_choose(*args, **kwargs):  # builds the runner: runs the kernels (its probes)
@@ -78,7 +79,7 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, 
         mocker.patch.object(owner, name, side_effect=recording)
 
     if worker.runner is not None:
-        record(worker.runner, "prefill")
+        record(worker.runner, "prefill_block")
         record(worker.runner, "decode")
     else:
         record(worker.model, "forward")
@@ -124,8 +125,8 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_running_streams(
     assert runner is not None, line
     engine.runner = runner
     calls = []
-    prefill, decode = runner.prefill, runner.decode
-    runner.prefill = lambda tokens, kv, **kw: calls.append(("prefill", len(tokens))) or prefill(tokens, kv, **kw)
+    prefill, decode = runner.prefill_block, runner.decode
+    runner.prefill_block = lambda tokens, kv, **kw: calls.append(("prefill", len(tokens))) or prefill(tokens, kv, **kw)
     runner.decode = lambda steps: calls.append(("decode", len(steps))) or decode(steps)
     stream = engine.streamer(functools.partial(token_loop, runner=runner))
     words = "the quick brown fox jumps over the lazy dog hello world one two three four five six seven".split()

@@ -7,7 +7,9 @@ from transformers import AutoTokenizer
 
 from fastchat_bigdl.lowbit.devices import use_physical_cores
 from fastchat_bigdl.engine.scheduler import Engine
-from fastchat_bigdl.worker.generation import IncrementalDecoder, StopMatcher, generate_stream, token_loop
+from fastchat_bigdl.common.stop_strings import StopMatcher
+from fastchat_bigdl.worker.generation import generate_stream, token_loop
+from fastchat_bigdl.worker.output_stream import IncrementalDecoder
 
 
 class ScriptedLM:
@@ -15,6 +17,7 @@ class ScriptedLM:
 
     def __init__(self, vocab, script=None, logits=None, eos=1):
         self.vocab, self.script, self.fixed, self.calls, self.eos = vocab, script or [], logits, 0, eos
+        self.config = SimpleNamespace(vocab_size=vocab)
 
     def __call__(self, input_ids, past_key_values=None, use_cache=True):
         n = input_ids.shape[1]

@@ -2,12 +2,15 @@
 package's own GGUF reader (the one the demo model's real GGUF is served through), the
 weights, shape and vocabulary are the checkpoint's; with llama-cpp-python installed,
 llama.cpp itself computes the Hugging Face forward's logits from it."""
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastchat_bigdl.bench.gguf_export import NotExportable, export_gguf, permute_rope
+from fastchat_bigdl.bench.gguf_export import (NotExportable, add_word_vocabulary, export_gguf, permute_rope,
+                                               word_vocabulary, write_gguf)
 from fastchat_bigdl.bench.random_model import LlamaShape, build_random_llama
 from fastchat_bigdl.lowbit.gguf_checkpoint import hf_shards, llama_config, unpermute_rope
 
@@ -85,6 +88,30 @@ def test_what_it_cannot_export_is_refused(tiny_llama, bench_model, tmp_path):
     with pytest.raises(NotExportable, match="writes q4_0, f32"):
         export_gguf(bench_model, tmp_path / "t.gguf", "q8_0")
     assert not list(tmp_path.glob("t.gguf*"))
+
+
+def test_the_bench_refuses_other_configs_but_the_writer_takes_them(bench_model, tmp_path):
+    """``export_gguf`` keeps to plain Llamas; ``write_gguf`` (which the tests' tiny-model
+    GGUFs go through) writes any config, under the architecture and with the vocabulary
+    its caller gives."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    scaled = Path(shutil.copytree(bench_model, tmp_path / "scaled"))
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotExportable, match="not a plain Llama"):
+        export_gguf(scaled, tmp_path / "s.gguf")
+    vocabulary = word_vocabulary(scaled)
+    out = write_gguf(scaled, tmp_path / "s.gguf", config,
+                     lambda writer: add_word_vocabulary(writer, *vocabulary), "Q8_0", arch="qwen2")
+    reader = GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["qwen2.attention.head_count_kv"].contents() == 2
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.1.attn_k.weight"] == GGMLQuantizationType.Q8_0
+    assert types["output_norm.weight"] == GGMLQuantizationType.F32
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_llama_cpp_computes_the_same_logits_from_it(bench_model, tmp_path):

@@ -20,11 +20,11 @@ ALLOWED: Dict[str, Set[str]] = {
     "engine": {"lowbit", "common"},
     "adapter": {"lowbit", "common"},
     "root": {"adapter", "common"},
-    "worker": {"engine", "lowbit", "common", "adapter", "root"},
-    "api": {"common", "root"},
-    "stack": {"common", "lowbit", "api", "worker", "adapter", "root"},
-    "bench": {"common", "lowbit", "engine", "api", "worker", "stack", "adapter", "root"},
-    "cli": {"stack", "bench", "root"},
+    "worker": {"engine", "lowbit", "common", "adapter"},
+    "api": {"common"},
+    "stack": {"common", "lowbit", "api", "worker", "adapter"},
+    "bench": {"common", "lowbit", "engine", "api", "worker", "stack", "adapter"},
+    "cli": {"stack", "bench", "common", "root"},
     "__main__": {"cli"},
     "model_worker": {"worker"},
     "openai_api_server": {"api"},
@@ -116,8 +116,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
 
 
 def import_graph(modules: Dict[str, Path]) -> Dict[str, Set[str]]:
-    # Every submodule implicitly imports the package root; only explicit edges count.
-    return {name: internal_imports(path, name) - {PACKAGE} for name, path in modules.items()}
+    return {name: internal_imports(path, name) for name, path in modules.items()}
 
 
 def test_every_module_belongs_to_a_known_role_and_says_why_it_exists():
@@ -161,6 +160,10 @@ def test_the_checks_catch_a_forbidden_direction_and_a_cycle(tmp_path):
     planted = {**MODULES, "fastchat_bigdl.worker.probe": probe}
     assert "fastchat_bigdl.worker.probe imports fastchat_bigdl.api.server (worker -> api)" in \
         direction_violations(planted)
+    root_user = tmp_path / "root_user.py"
+    root_user.write_text("import fastchat_bigdl\n")  # the package root is a role like any other
+    planted = {**MODULES, "fastchat_bigdl.api.root_user": root_user}
+    assert "fastchat_bigdl.api.root_user imports fastchat_bigdl (api -> root)" in direction_violations(planted)
     graph = import_graph(MODULES)
     graph["fastchat_bigdl.common.paths"] = graph["fastchat_bigdl.common.paths"] | {"fastchat_bigdl.common.netenv"}
     graph["fastchat_bigdl.common.netenv"] = graph["fastchat_bigdl.common.netenv"] | {"fastchat_bigdl.common.paths"}

@@ -147,7 +147,8 @@ def test_decode_steps_do_not_depend_on_what_else_is_decoded(tiny):
             tokens = [int(row.argmax()) for row in step]
         return torch.stack(logits)
 
-    assert runner.decode_rows >= 2
+    # how many rows a decode call may carry is probed on this machine's kernel, not assumed
+    assert runner.decode_rows == selection.invariant_decode_rows(runner.layers[0].o)
     assert torch.equal(run(batched=True), run(batched=False))
 
 
@@ -186,13 +187,19 @@ def test_direct_kernel_call_equals_the_library_layer_and_is_row_invariant(tiny):
 
 
 def test_generate_stream_with_the_runner_keeps_every_feature(tiny):
-    """Same token loop, the runner underneath: greedy text equal to the Hugging Face
-    forward's, prefix reuse exact, prompt logprobs present, stop strings honoured."""
+    """Same token loop, the runner underneath: greedy text exactly the runner's own greedy
+    continuation (not the Hugging Face forward's: that rounds differently, and on a near-tie
+    of a random tiny model may pick another token on another CPU; the two forwards are
+    compared on logits above), prefix reuse exact, prompt logprobs present, stop strings
+    honoured."""
     model, tokenizer, runner = tiny
     params = {"prompt": TEXT[:60], "temperature": 0, "max_new_tokens": 24, "echo": False}
-    *_, hf = generate_stream(model, tokenizer, dict(params), "cpu", 256, 2)
     *_, lean = generate_stream(model, tokenizer, dict(params), "cpu", 256, 2, runner=runner)
-    assert lean["text"] == hf["text"] and lean["usage"] == hf["usage"]
+    tokens = greedy(runner, tokenizer(params["prompt"]).input_ids, 24)
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tokenizer.eos_token_id) + 1]  # counted, not shown
+    assert lean["usage"]["completion_tokens"] == len(tokens)
+    assert lean["text"] == tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     cache = PrefixCache(64 << 20)
     first = [c for c in generate_stream(model, tokenizer, dict(params), "cpu", 256, 2, prefix_cache=cache,
@@ -210,14 +217,14 @@ def test_generate_stream_with_the_runner_keeps_every_feature(tiny):
     assert scored["logprobs"]["token_logprobs"][0] is None
     assert all(lp <= 0 for lp in scored["logprobs"]["token_logprobs"][1:])
 
-    stop_at = hf["text"][len(hf["text"]) // 2:][:2]  # random weights: text without words
+    stop_at = lean["text"][len(lean["text"]) // 2:][:2]  # random weights: text without words
     *_, stopped = generate_stream(model, tokenizer, dict(params, stop=[stop_at]), "cpu", 256, 2, runner=runner)
     assert stopped["finish_reason"] == "stop"
-    assert stopped["text"] == hf["text"][:hf["text"].index(stop_at)]
+    assert stopped["text"] == lean["text"][:lean["text"].index(stop_at)]
 
 
 def test_sequence_storage_grows_without_losing_positions():
-    kv = SequenceKV(layers=2, kv_heads=1, head_dim=4, capacity=1, limit=300)
+    kv = SequenceKV(layers=2, kv_heads=1, head_dim=4, dtype=torch.float32, capacity=1, limit=300)
     assert kv.capacity == 64
     for start in range(0, 200, 50):
         keys = torch.arange(start, start + 50, dtype=torch.float32)[:, None, None].expand(50, 1, 4)

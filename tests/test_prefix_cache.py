@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastchat_bigdl.worker.generation import generate_stream
-from fastchat_bigdl.worker.prefix_cache import PrefixCache, cache_length, cache_prefix, kv_layers
+from fastchat_bigdl.engine.kv_cache import HuggingFaceKV
+from fastchat_bigdl.worker.prefix_cache import PrefixCache
 from fastchat_bigdl.lowbit.loader import load_low_bit_model
 
 pytestmark = pytest.mark.backend
@@ -60,29 +61,31 @@ def test_a_stored_entry_is_never_mutated_by_later_requests(low_bit):
     prompt = "user: hello world how are you today assistant:"
     final(model, tokenizer, prompt, cache)
     (_, stored, _), = cache._entries.values()
-    keys = [k for k, _ in kv_layers(stored)]
+    keys = [k for k, _ in stored.layers()]
     snapshot = [k.clone() for k in keys]
     storage = [k.untyped_storage().data_ptr() for k in keys]
     for i in range(3):  # continue the same prefix several ways
         final(model, tokenizer, prompt + f" and {i}", cache)
     assert all(torch.equal(a, b) for a, b in zip(snapshot, keys))
     taken, n = cache.take(tokenizer(prompt + " again").input_ids)
-    assert n > 0 and all(k.untyped_storage().data_ptr() not in storage for k, _ in kv_layers(taken))
+    assert n > 0 and all(k.untyped_storage().data_ptr() not in storage for k, _ in taken.layers())
 
 
-def test_cache_prefix_copies_exactly_the_first_positions(low_bit):
+def test_a_hugging_face_prefix_copies_exactly_the_first_positions(low_bit):
     model, tokenizer = low_bit
     ids = torch.as_tensor([tokenizer("hello world how are you").input_ids])
     with torch.inference_mode():
-        kv = model(ids, use_cache=True).past_key_values
-    part = cache_prefix(kv, 3)
-    assert cache_length(part) == 3 and type(part) is type(kv)
-    assert torch.equal(kv_layers(part)[0][0], kv_layers(kv)[0][0][..., :3, :])
+        kv = HuggingFaceKV(model(ids, use_cache=True).past_key_values)
+    part = kv.prefix(3)
+    assert part.length == 3 and kv.length == ids.shape[1] and type(part.cache) is type(kv.cache)
+    assert torch.equal(part.layers()[0][0], kv.layers()[0][0][..., :3, :])
+    assert part.layers()[0][0].untyped_storage().data_ptr() != kv.layers()[0][0].untyped_storage().data_ptr()
 
 
 def FakeKV(n, width):
-    """A one-layer legacy (tuple) cache of ``n`` positions, for the LRU bookkeeping tests."""
-    return ((torch.zeros(1, 1, n, width), torch.zeros(1, 1, n, width)),)
+    """A one-layer legacy (tuple) Hugging Face cache of ``n`` positions, for the LRU
+    bookkeeping tests."""
+    return HuggingFaceKV(((torch.zeros(1, 1, n, width), torch.zeros(1, 1, n, width)),))
 
 
 def test_lru_stays_within_the_byte_budget():
@@ -117,7 +120,7 @@ def test_concurrent_take_and_put_are_safe():
             for i in range(200):
                 ids = [seed, i % 7, 3, 4]
                 kv, n = cache.take(ids + [9])
-                assert n == 0 or kv[0][0].shape[-2] == n
+                assert n == 0 or kv.length == n
                 cache.put(ids, FakeKV(4, 256))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
@@ -132,20 +135,23 @@ def test_concurrent_take_and_put_are_safe():
 
 def test_the_default_budget_holds_one_full_context_of_the_model():
     """A fixed 1 GiB held ~500 tokens of a 7B model's fp32 KV (1 MiB a token): agent chats
-    stopped reusing their history past that and every later turn re-prefilled it."""
+    stopped reusing their history past that and every later turn re-prefilled it. Sizes
+    are in bytes of the cache's own element type."""
     from types import SimpleNamespace
 
-    from fastchat_bigdl.worker.prefix_cache import default_budget_mb, kv_bytes_per_token
+    from fastchat_bigdl.worker.prefix_cache import default_budget_bytes, kv_bytes_per_token
 
     llama_7b = SimpleNamespace(num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
                                num_hidden_layers=32)
     smollm_135m = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
                                   num_hidden_layers=30)
-    assert kv_bytes_per_token(llama_7b) == 1 << 20
-    assert default_budget_mb(llama_7b, 4096, 24 << 30) == 4096  # the whole context
-    assert default_budget_mb(llama_7b, 4096, 8 << 30) == 2048  # at most a quarter of the machine
-    assert default_budget_mb(smollm_135m, 8192, 24 << 30) == 1024  # at least 1 GiB
-    assert default_budget_mb(llama_7b, 4096, 24 << 30, device="xpu") == 1024  # beside the weights on the GPU
+    fp32, bf16 = kv_bytes_per_token(llama_7b, 4), kv_bytes_per_token(llama_7b, 2)
+    assert fp32 == 1 << 20 and bf16 == 1 << 19
+    assert default_budget_bytes(fp32, 4096, 24 << 30) == 4 << 30  # the whole context
+    assert default_budget_bytes(bf16, 4096, 24 << 30) == 2 << 30  # half the bytes in bf16
+    assert default_budget_bytes(fp32, 4096, 8 << 30) == 2 << 30  # at most a quarter of the machine
+    assert default_budget_bytes(kv_bytes_per_token(smollm_135m, 4), 8192, 24 << 30) == 1 << 30  # at least 1 GiB
+    assert default_budget_bytes(fp32, 4096, 24 << 30, device="xpu") == 1 << 30  # beside the weights on the GPU
 
 
 def test_a_lean_entry_keeps_only_its_reusable_positions():
@@ -154,7 +160,7 @@ def test_a_lean_entry_keeps_only_its_reusable_positions():
     (not reusable) are not kept either."""
     from fastchat_bigdl.engine.kv_cache import SequenceKV
 
-    kv = SequenceKV(layers=2, kv_heads=1, head_dim=8)
+    kv = SequenceKV(layers=2, kv_heads=1, head_dim=8, dtype=torch.float32)
     kv.reserve(553)
     kv.reserve(600)
     assert kv.capacity == 1152
@@ -176,7 +182,7 @@ def test_a_reused_lean_prefix_is_allocated_once_for_the_whole_request():
     of KV, for 917 used."""
     from fastchat_bigdl.engine.kv_cache import SequenceKV
 
-    kv = SequenceKV(layers=1, kv_heads=1, head_dim=4, capacity=832)
+    kv = SequenceKV(layers=1, kv_heads=1, head_dim=4, dtype=torch.float32, capacity=832)
     kv.length = kv.prefilled = 802
     cache = PrefixCache(budget_bytes=1 << 30)
     ids = list(range(802))

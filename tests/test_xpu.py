@@ -43,39 +43,62 @@ def test_other_devices_are_refused():
         prepare_device("cuda")
 
 
-def test_xpu_model_goes_to_xpu_in_fp16_and_cache_is_emptied(fake_xpu, mocker):
-    prepare_device("xpu")
-    model = mocker.MagicMock(name="model")
-    placed = place_model(model, "xpu")
-    model.half.assert_called_once_with()
-    model.half.return_value.to.assert_called_once_with("xpu")
-    assert placed is model.half.return_value.to.return_value
-    fake_xpu.empty_cache.assert_called()
+class DeviceModel(torch.nn.Module):
+    """A converted model as the worker sees it: where it was moved, in which dtype."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.device_name = "cpu"
+
+    @property
+    def dtype(self):  # as transformers' models have it
+        return self.weight.dtype
+
+    def to(self, device):  # no Intel GPU here: record the move, keep the storage
+        self.device_name = str(device)
+        return self
+
+
+def test_load_dtypes_are_the_ones_each_device_runs():
     assert load_dtype("xpu", "sym_int4") is torch.float16 and load_dtype("cpu", "sym_int4") is torch.float32
     assert load_dtype("cpu", "bf16") is torch.bfloat16  # its linears need bf16 inputs
 
 
-def test_worker_on_xpu_loads_low_bit_fp16_and_generates_on_xpu(fake_xpu, mocker, tiny_llama):
-    from transformers import AutoTokenizer
-
+def test_a_worker_on_xpu_serves_the_fp16_model_on_the_gpu_with_the_librarys_forward(fake_xpu, mocker, tiny_llama,
+                                                                                       caplog):
+    """What the user sees at start-up on an Intel GPU: the model in fp16 on xpu, the
+    library's fused Hugging Face forward (the lean runner is CPU-only, and says why), a
+    GPU-sized prefix cache, and device memory released after loading."""
     import fastchat_bigdl
+    from transformers import AutoConfig, AutoTokenizer
+
     from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
 
-    model = mocker.MagicMock(name="low-bit model")
-    model.config.max_position_embeddings = 256
+    model = DeviceModel(AutoConfig.from_pretrained(str(tiny_llama)))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
-    load = mocker.patch.object(fastchat_bigdl.bigdl_adapter, "load_model", return_value=(model, tokenizer))
-    worker = BigDLModelWorker(
-        "http://127.0.0.1:1", "http://127.0.0.1:2", "w", str(tiny_llama), None, 2,
-        no_register=True, device="xpu", low_bit="sym_int4",
-    )
-    kwargs = load.call_args.args[1]
-    assert kwargs["low_bit"] == "sym_int4" and kwargs["torch_dtype"] is torch.float16
-    assert worker.model is model.half.return_value.to.return_value
-    model.half.return_value.to.assert_called_once_with("xpu")
+    mocker.patch.object(fastchat_bigdl.register(), "load_model", return_value=(model, tokenizer))
+    with caplog.at_level("INFO"):
+        worker = BigDLModelWorker("http://127.0.0.1:1", "http://127.0.0.1:2", "w", str(tiny_llama), None, 2,
+                                  no_register=True, device="xpu", low_bit="sym_int4", prefix_cache_mb=None)
+    assert worker.model.device_name == "xpu" and worker.model.weight.dtype == torch.float16
+    assert worker.runner is None and "Hugging Face forward" in worker.decode_path
+    assert "device xpu" in worker.decode_path
+    assert worker.prefix_cache.budget_bytes == 1 << 30 and "prefix cache: 1024 MiB" in caplog.text
+    assert fake_xpu.empty_cache.called  # after moving the weights
 
-    stream = mocker.MagicMock(return_value=iter([{"text": "hi", "usage": {}, "finish_reason": "stop"}]))
-    worker.generate_stream_func = stream
-    out = worker.generate_gate({"prompt": "hello", "max_new_tokens": 4})
-    assert out["text"] == "hi" and out["error_code"] == 0
-    assert stream.call_args.args[3] == "xpu"  # inputs are created on the xpu device
+
+def test_the_lean_runner_on_xpu_is_refused_with_the_reason(fake_xpu, mocker, tiny_llama):
+    import fastchat_bigdl
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fastchat_bigdl.engine.selection import NotCovered
+    from fastchat_bigdl.worker.bigdl_worker import BigDLModelWorker
+
+    model = DeviceModel(AutoConfig.from_pretrained(str(tiny_llama)))
+    mocker.patch.object(fastchat_bigdl.register(), "load_model",
+                        return_value=(model, AutoTokenizer.from_pretrained(str(tiny_llama))))
+    with pytest.raises(NotCovered, match="device xpu"):
+        BigDLModelWorker("http://127.0.0.1:1", "http://127.0.0.1:2", "w", str(tiny_llama), None, 2,
+                         no_register=True, device="xpu", forward="lean")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-import fastchat_bigdl  # noqa: F401  keeps proxies off loopback
+from fastapi import FastAPI
 from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.api import API_KEYS_ENV, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_ENV
@@ -15,8 +15,8 @@ from fastchat_bigdl.api.server_errors import ClearServerErrors
 from fastchat_bigdl.api.tool_calling.route import RouteToolRequests, router as tool_router
 from fastchat_bigdl.common.app_runner import run_app
 from fastchat_bigdl.common.logs import log_to_file, plain_console
+from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
 from fastchat_bigdl.common.validation import ValidateRequests
-
 
 
 def default_max_tokens() -> int:
@@ -31,16 +31,24 @@ def default_max_tokens() -> int:
     return tokens
 
 
-app = upstream.app
-app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
-app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
-app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS,
-                   defaults={"/v1/chat/completions": chat_defaults(default_max_tokens())})
-app.add_middleware(ClearServerErrors)
+def build_app() -> FastAPI:
+    """FastChat's app with this package's routes and middleware (added once; the
+    middleware reads the default max_tokens from the environment now)."""
+    app = upstream.app
+    if not getattr(app.state, "fastchat_bigdl", False):
+        app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
+        app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
+        app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS,
+                           defaults={"/v1/chat/completions": chat_defaults(default_max_tokens())})
+        app.add_middleware(ClearServerErrors)
+        app.state.fastchat_bigdl = True
+    return app
 
 
 def main() -> None:
+    bypass_proxy_for_loopback()  # before any HTTP client exists
     with plain_console():
+        app = build_app()
         args = upstream.create_openai_api_server()  # FastChat's parser and settings
     log_to_file("openai_api_server.log")
     keys = os.environ.get(API_KEYS_ENV)

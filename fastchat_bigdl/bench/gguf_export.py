@@ -1,15 +1,22 @@
-"""A bench checkpoint as a GGUF, so llama.cpp runs the very weights this package serves.
+"""Hugging Face Llama checkpoints as GGUF files, so llama.cpp runs the very weights this
+package serves.
 
-The reverse of ``lowbit.gguf_checkpoint`` (same tensor names, Q/K rows permuted back to
-llama.cpp's RoPE layout), written with ``gguf``'s own writer and quantizers. Q4_0 is
+``write_gguf`` is the one GGUF writer: the reverse of ``lowbit.gguf_checkpoint`` (same
+tensor names, Q/K rows permuted back to llama.cpp's RoPE layout), the architecture
+metadata, and the tensors streamed one at a time (a 7B model never sits in memory), the
+matrices quantized with ``gguf``'s own quantizers and the norms kept in F32. The
+vocabulary is the caller's: a function that adds the tokenizer's keys to the writer.
+``write_gguf`` refuses nothing about the config; callers decide what they write (the
+tests' tiny models go through it with their byte-level BPE vocabulary, as
+``tests/helpers.write_tiny_gguf``).
+
+``export_gguf`` is the bench's use of it, for plain Llama checkpoints only. Q4_0 is
 llama.cpp's twin of ipex-llm's ``sym_int4``: the same round-to-nearest 4-bit values with
 one fp16 scale per block (blocks of 32 weights there, 64 in ipex-llm's CPU layout: 4.5
-and 4.25 bits a weight), quantized from the same bf16/fp32 weights. Tensors are streamed
-one at a time: a 7B model never sits in memory.
-
-Only the bench's word-level tokenizer is exported (one token per word, as a SentencePiece
-vocabulary of ``▁word`` pieces, so llama.cpp's output decodes to the same words); the bench
-hands llama.cpp token ids, never text to tokenize. Real models come with GGUFs of their own
+and 4.25 bits a weight), quantized from the same bf16/fp32 weights. Only the bench's
+word-level tokenizer is exported (one token per word, as a SentencePiece vocabulary of
+``▁word`` pieces, so llama.cpp's output decodes to the same words); the bench hands
+llama.cpp token ids, never text to tokenize. Real models come with GGUFs of their own
 (or llama.cpp's ``convert_hf_to_gguf.py``).
 """
 from __future__ import annotations
@@ -17,16 +24,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
 from fastchat_bigdl.lowbit.gguf_checkpoint import CONTROL_TOKEN, GLOBAL_NAMES, LAYER_NAMES
 
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType, GGUFWriter
+
 NORMAL_TOKEN, UNKNOWN_TOKEN = 1, 2  # llama.cpp token types
 TYPES = ("q4_0", "f32")
 HF_TO_GGUF = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
 HF_LAYER_TO_GGUF = {hf: gguf for gguf, hf in LAYER_NAMES.items()}
+Progress = Callable[[str], None]
+AddVocabulary = Callable[["GGUFWriter"], None]  # adds the tokenizer.* keys
+# (Hugging Face name, loader of the float32 array, shape) of one checkpoint tensor
+LazyTensor = Tuple[str, Callable[[], np.ndarray], Tuple[int, ...]]
 
 
 class NotExportable(ValueError):
@@ -50,7 +64,8 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{HF_LAYER_TO_GGUF['.'.join(parts[3:-1])]}.weight"
 
 
-def _config(model_path: Path) -> dict:
+def plain_llama_config(model_path: Path) -> dict:
+    """The checkpoint's config, refused unless it is a plain Llama (the bench's models)."""
     config = json.loads((model_path / "config.json").read_text())
     if config.get("model_type") != "llama" or config.get("rope_scaling"):
         raise NotExportable(f"{model_path} is not a plain Llama (model_type {config.get('model_type')!r}, "
@@ -82,8 +97,21 @@ def word_vocabulary(model_path: Path) -> Tuple[List[str], List[int], Dict[str, i
     return pieces, types, specials
 
 
-def _tensors(model_path: Path) -> Iterator[Tuple[str, Callable[[], np.ndarray], Tuple[int, ...]]]:
-    """(Hugging Face name, loader of the float32 array, shape) for every tensor, lazily."""
+def add_word_vocabulary(writer: GGUFWriter, pieces: List[str], types: List[int],
+                        specials: Dict[str, int]) -> None:
+    """The bench's ``word_vocabulary`` as a llama.cpp SentencePiece ("llama") tokenizer."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * len(pieces))
+    writer.add_token_types(types)
+    writer.add_bos_token_id(specials.get("<s>", 1))
+    writer.add_eos_token_id(specials.get("</s>", 2))
+    writer.add_unk_token_id(specials.get("<unk>", 0))
+    writer.add_add_bos_token(False)  # the bench sends token ids, already as the server would
+
+
+def _hf_tensors(model_path: Path) -> Iterator[LazyTensor]:
+    """Every weight of the checkpoint's safetensors shards, lazily (loaded when written)."""
     from safetensors import safe_open
 
     def loader(shard: Path, name: str) -> Callable[[], np.ndarray]:
@@ -95,29 +123,22 @@ def _tensors(model_path: Path) -> Iterator[Tuple[str, Callable[[], np.ndarray], 
     for shard in sorted(model_path.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer transformers 4.31 saves
+                    continue
                 yield name, loader(shard, name), tuple(f.get_slice(name).get_shape())
 
 
-def export_gguf(model_path: Path, out_path: Path, qtype: str = "q4_0",
-                progress: Callable[[str], None] = lambda line: None) -> Path:
-    """Write ``out_path`` (GGUF: matrices in ``qtype``, norms in F32); reuse it if it is
-    newer than the checkpoint's config."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
-    from gguf.quants import quant_shape_to_byte_shape, quantize
-
-    if qtype not in TYPES:
-        raise NotExportable(f"GGUF type {qtype!r}: this exporter writes {', '.join(TYPES)}")
-    model_path, out_path = Path(model_path), Path(out_path)
-    config = _config(model_path)
-    pieces, types, specials = word_vocabulary(model_path)
-    if out_path.is_file() and out_path.stat().st_mtime > (model_path / "config.json").stat().st_mtime:
-        return out_path
-    matrix_type = GGMLQuantizationType.Q4_0 if qtype == "q4_0" else GGMLQuantizationType.F32
+def _head_counts(config: dict) -> Tuple[int, int]:
+    """(query heads, key/value heads) of a Hugging Face Llama config."""
     heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
+    return heads, config.get("num_key_value_heads") or heads
 
-    writer = GGUFWriter(None, "llama")
-    writer.add_name(model_path.name)
+
+def add_architecture(writer: GGUFWriter, model_name: str, config: dict,
+                     matrix_type: GGMLQuantizationType) -> None:
+    """The general and ``<arch>.*`` keys llama.cpp reads for a Llama, from a Hugging Face config."""
+    heads, kv_heads = _head_counts(config)
+    writer.add_name(model_name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -127,30 +148,43 @@ def export_gguf(model_path: Path, out_path: Path, qtype: str = "q4_0",
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    writer.add_file_type(LlamaFileType.MOSTLY_Q4_0 if qtype == "q4_0" else LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores([0.0] * len(pieces))
-    writer.add_token_types(types)
-    writer.add_bos_token_id(specials.get("<s>", 1))
-    writer.add_eos_token_id(specials.get("</s>", 2))
-    writer.add_unk_token_id(specials.get("<unk>", 0))
-    writer.add_add_bos_token(False)  # the bench sends token ids, already as the server would
+    file_type = _file_type(matrix_type)
+    if file_type is not None:
+        writer.add_file_type(file_type)
 
-    tensors = list(_tensors(model_path))
+
+def _file_type(matrix_type: GGMLQuantizationType):
+    """llama.cpp's file type for matrices in ``matrix_type`` (None: it names none, e.g. Q4_K)."""
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    if matrix_type == GGMLQuantizationType.F32:
+        return LlamaFileType.ALL_F32
+    return LlamaFileType.__members__.get(f"MOSTLY_{matrix_type.name}")
+
+
+def _add_tensor_infos(writer: GGUFWriter, tensors: List[LazyTensor],
+                      matrix_type: GGMLQuantizationType) -> list:
+    """Each tensor's GGUF name, type and shape, added to the header before any data is
+    written; returns (Hugging Face name, loader, GGML type) in file order."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
     plan = []
     for name, load, shape in tensors:
-        kind = matrix_type if len(shape) == 2 else GGMLQuantizationType.F32
-        byte_shape = quant_shape_to_byte_shape(shape, kind) if kind != GGMLQuantizationType.F32 else shape
-        itemsize = 1 if kind != GGMLQuantizationType.F32 else 4
-        writer.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8 if itemsize == 1 else np.float32),
-                               int(np.prod(byte_shape)) * itemsize, raw_dtype=kind)
+        kind = matrix_type if len(shape) == 2 else GGMLQuantizationType.F32  # norms stay exact
+        byte_shape = quant_shape_to_byte_shape(shape, kind)
+        writer.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                               raw_dtype=kind)
         plan.append((name, load, kind))
-    partial = out_path.with_name(out_path.name + ".partial")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file(partial)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
+    return plan
+
+
+def _write_tensor_data(writer: GGUFWriter, plan: list, config: dict, progress: Progress,
+                       label: str) -> None:
+    """Load, permute (Q/K) and quantize each tensor in turn: one tensor in memory at a time."""
+    from gguf.quants import quantize
+
+    heads, kv_heads = _head_counts(config)
     for number, (name, load, kind) in enumerate(plan, start=1):
         value = load()
         if name.endswith("self_attn.q_proj.weight"):
@@ -159,7 +193,46 @@ def export_gguf(model_path: Path, out_path: Path, qtype: str = "q4_0",
             value = permute_rope(value, kv_heads)
         writer.write_tensor_data(quantize(value, kind))
         if number % 50 == 0 or number == len(plan):
-            progress(f"  GGUF {qtype}: {number}/{len(plan)} tensors")
+            progress(f"  GGUF {label}: {number}/{len(plan)} tensors")
+
+
+def write_gguf(model_path: Path, out_path: Path, config: dict, add_vocabulary: AddVocabulary,
+               matrix_type: str = "F32", arch: str = "llama",
+               progress: Progress = lambda line: None) -> Path:
+    """Write the checkpoint at ``model_path`` as the GGUF ``out_path``: ``config``'s
+    architecture under ``arch``, the vocabulary ``add_vocabulary(writer)`` adds, matrices
+    in ``matrix_type`` (a ``gguf.GGMLQuantizationType`` name: F32, Q8_0, Q4_0, ...) and
+    norms in F32. Written to ``<out_path>.partial`` and renamed into place."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    model_path, out_path = Path(model_path), Path(out_path)
+    kind = GGMLQuantizationType[matrix_type]
+    writer = GGUFWriter(None, arch)
+    add_architecture(writer, model_path.name, config, kind)
+    add_vocabulary(writer)
+    plan = _add_tensor_infos(writer, list(_hf_tensors(model_path)), kind)
+    partial = out_path.with_name(out_path.name + ".partial")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file(partial)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    _write_tensor_data(writer, plan, config, progress, kind.name.lower())
     writer.close()
     os.replace(partial, out_path)
     return out_path
+
+
+def export_gguf(model_path: Path, out_path: Path, qtype: str = "q4_0",
+                progress: Progress = lambda line: None) -> Path:
+    """Write the bench checkpoint ``model_path`` as ``out_path`` (GGUF: matrices in
+    ``qtype``, norms in F32, its word-level vocabulary); reuse it if it is newer than the
+    checkpoint's config. Refuses other types, non-plain-Llama configs and other tokenizers."""
+    if qtype not in TYPES:
+        raise NotExportable(f"GGUF type {qtype!r}: this exporter writes {', '.join(TYPES)}")
+    model_path, out_path = Path(model_path), Path(out_path)
+    config = plain_llama_config(model_path)
+    vocabulary = word_vocabulary(model_path)
+    if out_path.is_file() and out_path.stat().st_mtime > (model_path / "config.json").stat().st_mtime:
+        return out_path
+    return write_gguf(model_path, out_path, config, lambda writer: add_word_vocabulary(writer, *vocabulary),
+                      qtype.upper(), progress=progress)

@@ -81,6 +81,7 @@ def _time_token_loop(model, tokenizer, runner, prompt_text: str, tokens: int) ->
 def profile_model(model_path: str, low_bit: str, prompt_tokens: int = 128, tokens: int = PROFILE_TOKENS) -> dict:
     import torch
 
+    from fastchat_bigdl.engine.llama_runner import DecodeRows
     from fastchat_bigdl.engine.selection import build_lean_runner
     from fastchat_bigdl.lowbit.backend import resolve_backend
     from fastchat_bigdl.lowbit.devices import use_physical_cores
@@ -103,11 +104,12 @@ def profile_model(model_path: str, low_bit: str, prompt_tokens: int = 128, token
             setattr(layer, name, Timed(getattr(layer, name), clock, "linear"))
         layer.qkv = tuple(Timed(p, clock, "linear") for p in layer.qkv)
     runner.lm_head = Timed(runner.lm_head, clock, "linear")
-    runner._attend = Timed(runner._attend, clock, "attention")
+    attend = DecodeRows.attend  # decode attention (this is the profile's own process)
+    DecodeRows.attend = lambda call, *args: Timed(attend, clock, "attention")(call, *args)
     profiled = _time_runner_decode(runner, prompt, tokens)
     linear, attention = clock["linear"] / tokens, clock["attention"] / tokens
     runner.lm_head = runner.lm_head.fn
-    del runner._attend  # the class's method again
+    DecodeRows.attend = attend
     for layer in runner.layers:
         for name in ("o", "gate", "up", "down"):
             setattr(layer, name, getattr(layer, name).fn)

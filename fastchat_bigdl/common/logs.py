@@ -26,17 +26,16 @@ FASTCHAT_LOGDIR_ENV = "LOGDIR"
 _user_log_dir: Optional[str] = None
 
 
-@contextlib.contextmanager
-def fastchat_imported_without_log_files() -> Iterator[None]:
-    """Import FastChat inside this block: it reads ``LOGDIR`` once, when
-    ``fastchat.constants`` is first imported. The environment is restored after, so
-    child processes see the user's setting."""
+def import_fastchat_without_log_files() -> None:
+    """Import FastChat's constants with ``LOGDIR`` empty: FastChat reads it once, on first
+    import. The environment is restored after, so child processes see the user's setting."""
     global _user_log_dir
     _user_log_dir = os.environ.get(FASTCHAT_LOGDIR_ENV)
+    if "fastchat.constants" in sys.modules:  # imported before this package: too late
+        return
     os.environ[FASTCHAT_LOGDIR_ENV] = ""
     try:
         import fastchat.constants  # noqa: F401
-        yield
     finally:
         if _user_log_dir is None:
             os.environ.pop(FASTCHAT_LOGDIR_ENV, None)

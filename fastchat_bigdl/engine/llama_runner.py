@@ -27,7 +27,7 @@ request computes every position the same way cold or warm, alone or batched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class LlamaRunner:
 
     def __init__(self, shape: RunnerShape, embed: torch.Tensor, layers: List[LayerWeights],
                  final_norm: torch.Tensor, lm_head: LowBitMatmul, inv_freq: torch.Tensor,
-                 position_scale: float = 1.0, decode_rows: int = DECODE_ROWS):
+                 position_scale: float = 1.0, decode_rows: int = DECODE_ROWS, kv_dtype: torch.dtype = torch.float32):
         self.shape = shape
         self.embed = embed
         self.layers = layers
@@ -78,11 +78,13 @@ class LlamaRunner:
         self.inv_freq = inv_freq.float()
         self.position_scale = position_scale
         self.decode_rows = decode_rows
+        self.kv_dtype = kv_dtype
         self._cos = self._sin = torch.empty(0, shape.head_dim)
 
     def new_sequence(self, expected_positions: int = 0) -> SequenceKV:
         s = self.shape
-        return SequenceKV(s.layers, s.kv_heads, s.head_dim, capacity=max(1, expected_positions), limit=s.context)
+        return SequenceKV(s.layers, s.kv_heads, s.head_dim, self.kv_dtype, capacity=max(1, expected_positions),
+                          limit=s.context)
 
     def _rope(self, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for positions [0, end), as Hugging Face's rotary embedding
@@ -105,37 +107,53 @@ class LlamaRunner:
         if end > self.shape.context:
             raise ValueError(f"{end} positions exceed the model's context of {self.shape.context}")
 
-    @torch.inference_mode()
-    def prefill(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False,
-                next_logits: bool = True) -> Optional[torch.Tensor]:
-        """Feed prompt ``tokens`` after the ``kv.length`` positions already in ``kv``;
-        returns the logits of the last token [1, vocab], or of every token fed
-        (``all_logits``), or nothing (``next_logits=False``: more of the prompt follows)."""
-        start, end = kv.length, kv.length + len(tokens)
+    @staticmethod
+    def block_room(kv: SequenceKV) -> int:
+        """How many prompt tokens the next ``prefill_block`` call on ``kv`` may take: up to
+        the end of the block its next position falls in (blocks are aligned to absolute
+        positions). The one place a prompt is split."""
+        return PREFILL_BLOCK - kv.length % PREFILL_BLOCK
+
+    def prefill(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False) -> torch.Tensor:
+        """A whole prompt, block by block (what the engine does one block per turn):
+        the last token's logits [1, vocab], or every token's (``all_logits``)."""
         if not tokens:
             raise ValueError("nothing to prefill")
+        self._check_room(kv.length + len(tokens))  # before any block changes ``kv``
+        parts: List[torch.Tensor] = []
+        while tokens:
+            piece, tokens = tokens[:self.block_room(kv)], tokens[self.block_room(kv):]
+            logits = self.prefill_block(piece, kv, all_logits=all_logits, next_logits=not tokens)
+            if all_logits:
+                parts.append(logits)
+        return torch.cat(parts) if all_logits else logits
+
+    @torch.inference_mode()
+    def prefill_block(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False,
+                      next_logits: bool = True) -> Optional[torch.Tensor]:
+        """Feed prompt ``tokens`` (at most ``block_room(kv)``) after the ``kv.length``
+        positions already in ``kv``, in one full block call; returns the logits of the last
+        token [1, vocab], or of every token fed (``all_logits``), or nothing
+        (``next_logits=False``: more of the prompt follows)."""
+        start, end = kv.length, kv.length + len(tokens)
+        if not 0 < len(tokens) <= self.block_room(kv):
+            raise ValueError(f"{len(tokens)} tokens do not fit the prefill block at position {start}")
         self._check_room(end)
-        kv.reserve(-(-end // PREFILL_BLOCK) * PREFILL_BLOCK)  # the last block attends over all its keys
-        logits: List[torch.Tensor] = []
-        for base in range(start - start % PREFILL_BLOCK, end, PREFILL_BLOCK):
-            lo, hi = max(start, base), min(end, base + PREFILL_BLOCK)
-            ids = torch.zeros(PREFILL_BLOCK, dtype=torch.long)  # padding rows: token 0, never stored
-            ids[lo - base:hi - base] = torch.as_tensor(tokens[lo - start:hi - start], dtype=torch.long)
-            positions = torch.arange(base, base + PREFILL_BLOCK)
-            rows = range(lo - base, hi - base)
-            out = self._layers(F.embedding(ids, self.embed), positions, [(kv, row) for row in rows],
-                               block=(kv, self._block_mask(base)))
-            if all_logits:  # the whole block through lm_head too, so its rows round the same in any split
-                logits.append(self._logits(out)[lo - base:hi - base])
-            last = out[hi - base - 1:hi - base]
+        base = start - start % PREFILL_BLOCK
+        kv.reserve(base + PREFILL_BLOCK)  # the block attends over all its keys
+        ids = torch.zeros(PREFILL_BLOCK, dtype=torch.long)  # padding rows: token 0, never stored
+        ids[start - base:end - base] = torch.as_tensor(tokens, dtype=torch.long)
+        out = self._layers(F.embedding(ids, self.embed), PrefillBlock(self, kv, base, start - base, end - base))
         kv.length = kv.prefilled = end
-        # The next token always comes from a one-row call: the same with or without all_logits.
-        following = self._logits(last) if next_logits else None
+        # The whole block through lm_head, so its rows round the same in any split; the
+        # next token always comes from a one-row call: the same with or without all_logits.
+        following = self._logits(out[end - base - 1:end - base]) if next_logits else None
         if not all_logits:
             return following
+        logits = self._logits(out)[start - base:end - base]
         if following is not None:
-            logits[-1][-1:] = following
-        return torch.cat(logits) if len(logits) > 1 else logits[0]
+            logits[-1:] = following
+        return logits
 
     @torch.inference_mode()
     def decode(self, steps: Sequence[Tuple[int, SequenceKV]]) -> torch.Tensor:
@@ -146,9 +164,8 @@ class LlamaRunner:
         for _, kv in steps:
             self._check_room(kv.length + 1)
             kv.reserve(kv.length + 1)
-        positions = torch.tensor([kv.length for _, kv in steps])
         ids = torch.tensor([token for token, _ in steps], dtype=torch.long)
-        out = self._layers(F.embedding(ids, self.embed), positions, [(kv, i) for i, (_, kv) in enumerate(steps)])
+        out = self._layers(F.embedding(ids, self.embed), DecodeRows(self, [kv for _, kv in steps]))
         for _, kv in steps:
             kv.length += 1
         return self._logits(out)
@@ -157,31 +174,14 @@ class LlamaRunner:
         s = self.shape
         return self.lm_head(F.rms_norm(hidden, (s.hidden,), self.final_norm, s.norm_eps))
 
-    def _block_mask(self, base: int) -> torch.Tensor:
-        """Which keys each row of the prefill block at ``base`` sees: causal (and the
-        sliding window), over the keys [0, base + PREFILL_BLOCK)."""
-        query = torch.arange(base, base + PREFILL_BLOCK)[:, None]
-        key = torch.arange(base + PREFILL_BLOCK)[None, :]
-        allowed = key <= query
-        if self.shape.sliding_window:
-            allowed &= key > query - self.shape.sliding_window
-        return allowed
-
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, stored: List[Tuple[SequenceKV, int]],
-                block: Optional[Tuple[SequenceKV, torch.Tensor]] = None) -> torch.Tensor:
-        """Run every layer over the rows of ``x`` (row i at ``positions[i]``); the rows in
-        ``stored`` (sequence, row) write their keys and values and get attention, the
-        others only fill the call (their outputs are garbage and never read). ``block``:
-        a prefill block of one sequence and its mask, attended in one call."""
+    def _layers(self, x: torch.Tensor, call: "RunnerCall") -> torch.Tensor:
+        """Every layer over the rows of ``x``; ``call`` (a prefill block or decode rows)
+        says where each row sits, which rows store keys and values, and how they attend."""
         s = self.shape
         n = x.shape[0]
         heads, kv_heads, dim = s.heads, s.kv_heads, s.head_dim
-        cos_table, sin_table = self._rope(int(positions.max()) + 1)
-        cos, sin = cos_table[positions, None, :], sin_table[positions, None, :]
-        where = [(kv, row, int(positions[row])) for kv, row in stored]
-        # a prefill block's new rows are one run of positions of one sequence: one copy per layer
-        run = (stored[0][0], stored[0][1], len(stored)) if len(stored) > 1 and all(
-            kv is stored[0][0] and row == stored[0][1] + i for i, (kv, row) in enumerate(stored)) else None
+        cos_table, sin_table = self._rope(int(call.positions.max()) + 1)
+        cos, sin = cos_table[call.positions, None, :], sin_table[call.positions, None, :]
         attn = torch.zeros(n, heads * dim)
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden,), layer.input_norm, s.norm_eps)
@@ -191,16 +191,8 @@ class LlamaRunner:
                 qkv = torch.cat([proj(h) for proj in layer.qkv], dim=1).view(n, heads + 2 * kv_heads, dim)
             qk = qkv[:, :heads + kv_heads]
             qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin
-            if run is not None:
-                kv, row, count = run
-                kv.write(index, where[0][2], qk[row:row + count, heads:], qkv[row:row + count, heads + kv_heads:])
-            else:
-                for kv, row, position in where:
-                    kv.write(index, position, qk[row:row + 1, heads:], qkv[row:row + 1, heads + kv_heads:])
-            if block is not None:
-                self._attend_block(index, qk, block[0], block[1], attn)
-            else:
-                self._attend(index, qk, where, attn)
+            call.store(index, qk[:, heads:], qkv[:, heads + kv_heads:])
+            call.attend(index, qk[:, :heads], attn)
             x = x + layer.o(attn)
             h = F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps)
             act = F.silu(layer.gate(h))
@@ -208,30 +200,61 @@ class LlamaRunner:
             x = x + layer.down(act)
         return x
 
-    def _attend(self, index: int, qk: torch.Tensor, where: List[Tuple[SequenceKV, int, int]],
-                attn: torch.Tensor) -> None:
-        """Attention of layer ``index`` for each (sequence, row, position) into ``attn[row]``:
-        one query position at a time, over exactly the keys it sees, so the same shapes and
-        the same arithmetic whatever else is in the call."""
+
+class PrefillBlock:
+    """The prefill recipe: one call of ``PREFILL_BLOCK`` rows at absolute positions
+    ``base ...``; rows ``[first, stop)`` are the new prompt tokens of ``kv`` (the others
+    only fill the call: their outputs are never read). Attention in one call over the
+    block's keys, masked: a row's result depends only on its query, the keys up to it and
+    the call's shape, which the alignment fixes, so it is the same in any split of the
+    prompt. Keys not written yet are zeros (``SequenceKV`` allocates zeroed), so masked
+    positions add exact zeros."""
+
+    def __init__(self, runner: LlamaRunner, kv: SequenceKV, base: int, first: int, stop: int):
+        self.shape, self.kv, self.base, self.first, self.stop = runner.shape, kv, base, first, stop
+        self.positions = torch.arange(base, base + PREFILL_BLOCK)
+        query = self.positions[:, None]
+        key = torch.arange(base + PREFILL_BLOCK)[None, :]
+        self.mask = key <= query  # causal, and the sliding window
+        if self.shape.sliding_window:
+            self.mask &= key > query - self.shape.sliding_window
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.kv.write(layer, self.base + self.first, keys[self.first:self.stop], values[self.first:self.stop])
+
+    def attend(self, layer: int, queries: torch.Tensor, attn: torch.Tensor) -> None:
         s = self.shape
-        heads, kv_heads, dim = s.heads, s.kv_heads, s.head_dim
-        for kv, row, position in where:
-            stop = position + 1
+        n, keys = self.mask.shape
+        q = queries.transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(q, self.kv.keys(layer, 0, keys)[None],
+                                             self.kv.values(layer, 0, keys)[None],
+                                             attn_mask=self.mask, enable_gqa=s.heads != s.kv_heads)
+        attn.copy_(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
+
+
+class DecodeRows:
+    """The decode recipe: row i is the next position of ``kvs[i]``, at most
+    ``decode_rows`` rows a call (where the kernel rounds each row as if alone). Each row
+    attends alone over exactly the keys its position sees: the same shapes and the same
+    arithmetic whatever else is in the call."""
+
+    def __init__(self, runner: LlamaRunner, kvs: List[SequenceKV]):
+        self.shape, self.kvs = runner.shape, kvs
+        self.positions = torch.tensor([kv.length for kv in kvs])
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for row, kv in enumerate(self.kvs):
+            kv.write(layer, kv.length, keys[row:row + 1], values[row:row + 1])
+
+    def attend(self, layer: int, queries: torch.Tensor, attn: torch.Tensor) -> None:
+        s = self.shape
+        for row, kv in enumerate(self.kvs):
+            stop = kv.length + 1
             first = max(0, stop - s.sliding_window) if s.sliding_window else 0
-            q = qk[row, :heads].view(1, kv_heads, heads // kv_heads, dim)
-            out = F.scaled_dot_product_attention(q, kv.keys(index, first, stop)[None],
-                                                 kv.values(index, first, stop)[None])
+            q = queries[row].view(1, s.kv_heads, s.heads // s.kv_heads, s.head_dim)
+            out = F.scaled_dot_product_attention(q, kv.keys(layer, first, stop)[None],
+                                                 kv.values(layer, first, stop)[None])
             attn[row] = out.view(-1)
 
-    def _attend_block(self, index: int, qk: torch.Tensor, kv: SequenceKV, mask: torch.Tensor,
-                      attn: torch.Tensor) -> None:
-        """Attention of a whole prefill block in one call. A row's result depends only on
-        its query, the keys up to it (masked beyond) and the call's shape, which the block
-        alignment fixes: the same in any split of the prompt. Keys not written yet are
-        zeros (``SequenceKV`` allocates zeroed), so masked positions add exact zeros."""
-        s = self.shape
-        n, keys = mask.shape
-        q = qk[:, :s.heads].transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(q, kv.keys(index, 0, keys)[None], kv.values(index, 0, keys)[None],
-                                             attn_mask=mask, enable_gqa=s.heads != s.kv_heads)
-        attn.copy_(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
+
+RunnerCall = Union[PrefillBlock, DecodeRows]

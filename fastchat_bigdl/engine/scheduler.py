@@ -12,6 +12,10 @@ decode requests, each ``Compute`` alone, and one block of one waiting prefill, s
 prompt delays the other streams by one block per turn instead of freezing them.
 Requests join between turns; a stream whose client went away is closed at the next turn,
 on this thread, so its cleanup (the prefix cache) runs here too.
+
+``Engine(inline=True)`` has no thread: the caller's thread runs the same turns while it
+reads a stream's chunks (in-process generation: ``bench --profile``, tests), so there is
+one driver of the token-loop protocol, the one the worker serves with.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Callable, Deque, Iterator, List, Optional
 
 import torch
 
-from fastchat_bigdl.engine.llama_runner import PREFILL_BLOCK, LlamaRunner
+from fastchat_bigdl.engine.llama_runner import LlamaRunner
 from fastchat_bigdl.engine.requests import REQUESTS, Compute, Decode, Prefill
 
 logger = logging.getLogger(__name__)
@@ -50,15 +54,16 @@ class _Stream:
 
 
 class Engine:
-    def __init__(self, name: str = "model", runner: Optional[LlamaRunner] = None):
+    def __init__(self, name: str = "model", runner: Optional[LlamaRunner] = None, inline: bool = False):
         self.runner = runner
         self._wake = threading.Condition()
         self._calls: Deque = deque()
         self._new: Deque[_Stream] = deque()
         self._active: List[_Stream] = []
         self.steps = self.batched_rows = 0  # decode calls and the rows they carried
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread = None if inline else threading.Thread(target=self._run, name=name, daemon=True)
+        if self._thread is not None:
+            self._thread.start()
 
     @property
     def active_streams(self) -> int:
@@ -68,6 +73,8 @@ class Engine:
 
     def call(self, fn: Callable, *args, **kwargs):
         """``fn(*args, **kwargs)`` on the engine thread; its result or its exception here."""
+        if self._thread is None:
+            return fn(*args, **kwargs)
         future: Future = Future()
         with self._wake:
             self._calls.append((future, fn, args, kwargs))
@@ -86,6 +93,9 @@ class Engine:
         return stream
 
     def _consume(self, stream: _Stream) -> Iterator:
+        if self._thread is None:
+            yield from self._consume_inline(stream)
+            return
         with self._wake:
             self._new.append(stream)
             self._wake.notify()
@@ -101,6 +111,24 @@ class Engine:
             stream.cancelled = True
             with self._wake:
                 self._wake.notify()
+
+    def _consume_inline(self, stream: _Stream) -> Iterator:
+        """The caller's thread runs turns until ``stream`` has a chunk for it."""
+        self._active.append(stream)
+        try:
+            while True:
+                while stream.out.empty():
+                    self._safe_turn()
+                item = stream.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:  # finished, failed, or the reader went away
+            if stream in self._active:
+                self._close(stream)
+                self._active.remove(stream)
 
     # --- engine thread ------------------------------------------------------------
 
@@ -118,13 +146,16 @@ class Engine:
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
                         future.set_exception(exc)
             self._active.extend(new)
-            try:
-                self._turn()
-            except BaseException as exc:  # noqa: BLE001 - a bug here must not hang every client
-                logger.exception("engine turn failed; failing its %d streams and serving on", len(self._active))
-                for stream in list(self._active):
-                    self._close(stream)
-                    self._finish(stream, _Failure(exc))
+            self._safe_turn()
+
+    def _safe_turn(self) -> None:
+        try:
+            self._turn()
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not hang every client
+            logger.exception("engine turn failed; failing its %d streams and serving on", len(self._active))
+            for stream in list(self._active):
+                self._close(stream)
+                self._finish(stream, _Failure(exc))
 
     @staticmethod
     def _close(stream: _Stream) -> None:
@@ -210,11 +241,11 @@ class Engine:
         """The next block-aligned piece of ``stream``'s prompt; answered after the last."""
         request: Prefill = stream.request
         kv = request.kv
-        room = PREFILL_BLOCK - kv.length % PREFILL_BLOCK
+        room = self.runner.block_room(kv)
         piece, rest = request.tokens[:room], request.tokens[room:]
         last = not rest
         try:
-            logits = self.runner.prefill(piece, kv, all_logits=request.all_logits, next_logits=last)
+            logits = self.runner.prefill_block(piece, kv, all_logits=request.all_logits, next_logits=last)
         except BaseException as exc:  # noqa: BLE001
             stream.logits_parts = []
             self._fail(stream, exc)

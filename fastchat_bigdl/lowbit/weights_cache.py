@@ -29,10 +29,6 @@ FORMAT = 1
 MANIFEST = "fastchat_bigdl_low_bit.json"
 
 
-class CorruptEntry(Exception):
-    pass
-
-
 def file_stamps(directory, skip: str = "") -> dict:
     """name -> [size, mtime_ns] of the files in ``directory``."""
     stamps = {}

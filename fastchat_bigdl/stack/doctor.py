@@ -13,15 +13,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-import fastchat_bigdl
-from autogen_local.endpoint import DEFAULT_TIMEOUT, resolve_base_url
+from fastchat_bigdl.common.netenv import proxy_settings_before_bypass
 from fastchat_bigdl.lowbit.backend import BackendError, installed_version, resolve_backend
 
 # (low-bit library, version) -> the transformers release it is tested with here
 SUPPORTED = {("ipex-llm", "2.2.0"): "4.37.0", ("bigdl-llm", "2.4.0"): "4.31.0"}
 FSCHAT_RANGE = ("0.2.36", "0.3")
 DEFAULT_PORTS = {8000: "OpenAI API server", 21001: "FastChat controller", 21002: "FastChat worker"}
-PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
 
 
 @dataclass
@@ -104,7 +102,7 @@ def devices() -> List[Check]:
 
 def proxy(original_env: Dict[str, Optional[str]]) -> List[Check]:
     """Whether a request to the local server would go through a proxy, judged on the
-    environment as the user set it (fastchat_bigdl has already patched its own)."""
+    environment as the user set it (this process bypasses loopback itself)."""
     import urllib.request
 
     env = {k: v for k, v in original_env.items() if v is not None}
@@ -124,6 +122,7 @@ def proxy(original_env: Dict[str, Optional[str]]) -> List[Check]:
 
 def stack(base_url: str, api_key: Optional[str]) -> List[Check]:
     import requests
+    from autogen_local.endpoint import DEFAULT_TIMEOUT
 
     headers = {"Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY') or 'EMPTY'}"}
     try:
@@ -158,6 +157,8 @@ def stack(base_url: str, api_key: Optional[str]) -> List[Check]:
 
 
 def timeouts() -> List[Check]:
+    from autogen_local.endpoint import DEFAULT_TIMEOUT
+
     value = os.environ.get("FASTCHAT_WORKER_API_TIMEOUT")
     worker_api = int(value) if value else None
     where = (f"{worker_api} s here" if value else
@@ -179,8 +180,10 @@ def ports() -> List[Check]:
 
 
 def run_checks(base_url: Optional[str], api_key: Optional[str]) -> List[Check]:
-    base_url = resolve_base_url(base_url)
-    return (versions() + devices() + proxy(fastchat_bigdl.ORIGINAL_PROXY_ENV) + timeouts()
+    from autogen_local.endpoint import resolve_base_url
+
+    base_url = resolve_base_url(base_url)  # importing autogen_local bypasses this process's proxies
+    return (versions() + devices() + proxy(proxy_settings_before_bypass()) + timeouts()
             + stack(base_url, api_key) + ports())
 
 

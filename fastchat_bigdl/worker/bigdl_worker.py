@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import requests
-import fastchat_bigdl  # registers the adapter and keeps proxies off loopback
 from fastchat.constants import ErrorCode
 from fastchat.model.model_adapter import get_generate_stream_function
 from fastchat.serve import model_worker as upstream
@@ -21,7 +20,7 @@ from fastchat.serve.inference import generate_stream as fastchat_generate_stream
 from fastchat.serve.base_model_worker import BaseModelWorker
 from fastchat.utils import get_context_length
 
-from fastchat_bigdl.adapter import conversation_for
+from fastchat_bigdl.adapter import conversation_for, register
 from fastchat_bigdl.engine.scheduler import Engine
 from fastchat_bigdl.engine.selection import choose_forward
 from fastchat_bigdl.lowbit.backend import resolve_backend
@@ -31,7 +30,7 @@ from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 from fastchat_bigdl.worker.generation import token_loop
-from fastchat_bigdl.worker.prefix_cache import (PrefixCache, default_budget_mb, kv_bytes_per_token,
+from fastchat_bigdl.worker.prefix_cache import (PrefixCache, default_budget_bytes, kv_bytes_per_token,
                                                 physical_memory_bytes)
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
@@ -65,7 +64,11 @@ def report_failures(stream_func):
 
 
 class BigDLModelWorker(upstream.ModelWorker):
-    """FastChat's ModelWorker serving a model converted to low-bit on load."""
+    """FastChat's ModelWorker serving a model converted to low-bit on load.
+
+    ``ModelWorker.__init__`` loads through FastChat's own ``load_model``, which has no
+    place for a low-bit format, and registers at once; so the base worker's set-up runs
+    here instead, then the same attributes are filled the low-bit way."""
 
     def __init__(
         self,
@@ -82,7 +85,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         trust_remote_code: bool = False,
         optimize_model: Optional[bool] = None,
         low_bit_cache: Optional[str] = None,
-        prefix_cache_mb: Optional[int] = 0,  # None: prefix_cache.default_budget_mb
+        prefix_cache_mb: Optional[int] = 0,  # None: prefix_cache.default_budget_bytes
         revision: str = "main",
         conv_template: Optional[str] = None,
         stream_interval: int = 2,
@@ -90,73 +93,71 @@ class BigDLModelWorker(upstream.ModelWorker):
         seed: Optional[int] = None,
         forward: str = "auto",
     ):
-        # ModelWorker.__init__ would load through FastChat's loader; run the base
-        # worker's set-up instead and load through the BigDL adapter.
-        BaseModelWorker.__init__(
-            self,
-            controller_addr,
-            worker_addr,
-            worker_id,
-            model_path,
-            model_names,
-            limit_worker_concurrency,
-            conv_template=conv_template,
-        )
+        BaseModelWorker.__init__(self, controller_addr, worker_addr, worker_id, model_path, model_names,
+                                 limit_worker_concurrency, conv_template=conv_template)
+        self.device, self.low_bit = device, low_bit
+        self.stream_interval, self.embed_in_truncate, self.seed = stream_interval, embed_in_truncate, seed
+        # Registration waits until the HTTP server listens (register_when_listening):
+        # upstream registers first, and a controller refresh in that gap drops the
+        # worker until its next heartbeat, which users see as error 40301.
+        self.no_register = no_register
         prepare_device(device)
         # One thread loads the model and runs every step of every stream (engine.scheduler).
         self.engine = Engine(name="model")
         self.engine.call(use_physical_cores)
         backend = resolve_backend(low_bit_backend)
-        model, self.tokenizer = self.engine.call(
-            fastchat_bigdl.bigdl_adapter.load_model,
-            model_path,
-            {
-                "low_bit": low_bit,
-                "torch_dtype": load_dtype(device, low_bit),
-                "revision": revision,
-                "trust_remote_code": trust_remote_code,
-                "optimize_model": optimize_model,
-                "backend": backend,
-                "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None,
-            },
-        )
-        self.model = self.engine.call(place_model, model, device)
-        self.device = device
-        self.low_bit = low_bit
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model, self.tokenizer = self._load(model_path, {
+            "low_bit": low_bit, "torch_dtype": load_dtype(device, low_bit), "revision": revision,
+            "trust_remote_code": trust_remote_code, "optimize_model": optimize_model, "backend": backend,
+            "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None})
         self.context_len = get_context_length(self.model.config)
-        if prefix_cache_mb is None:
-            prefix_cache_mb = default_budget_mb(self.model.config, self.context_len, physical_memory_bytes(), device)
-            logger.info("prefix cache: %d MiB (one %d-token context of this model's KV on CPU, %.2f MiB a token)",
-                        prefix_cache_mb, self.context_len, kv_bytes_per_token(self.model.config) / 2**20)
-        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
-        stream_func = get_generate_stream_function(self.model, model_path)
-        self.runner = None
-        if stream_func is fastchat_generate_stream:  # decoder-only LMs: our loop, same contract
-            # On the engine thread: building the runner runs the kernels (its probes), and
-            # kernels run from a second thread slow every later step.
-            self.runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, device, forward)
-            self.engine.runner = self.runner
-            # Every stream's loop on the engine thread; its decode steps batched with the others'.
-            stream_func = self.engine.streamer(functools.partial(token_loop, prefix_cache=self.prefix_cache,
-                                                                 runner=self.runner))
-        else:
-            self.decode_path = f"decode path: the model's own FastChat generate function ({stream_func.__name__})"
-            stream_func = self.engine.streamer(stream_func, batched=False)  # chunk by chunk, in turns
-        logger.info(self.decode_path)
-        self.generate_stream_func = report_failures(guard_out_of_memory(stream_func))
-        self.stream_interval = stream_interval
-        self.embed_in_truncate = embed_in_truncate
-        self.seed = seed
+        self.runner, own_stream = self._choose_decode_path(model_path, backend, forward)
+        self.prefix_cache = None if own_stream else self._prefix_cache(prefix_cache_mb)
+        if own_stream:  # chunk by chunk, in turns with the other streams
+            stream = self.engine.streamer(own_stream, batched=False)
+        else:  # every stream's loop on the engine thread; its decode steps batched with the others'
+            stream = self.engine.streamer(functools.partial(token_loop, prefix_cache=self.prefix_cache,
+                                                            runner=self.runner))
+        self.generate_stream_func = report_failures(guard_out_of_memory(stream))
         if not conv_template:
             self.conv = conversation_for(model_path, self.tokenizer, logger)
             self.conv.sep_style = int(self.conv.sep_style)
         logger.info("Prompt template: %s", self.conv.name)
-        # Registration waits until the HTTP server listens (register_when_listening):
-        # upstream registers first, and a controller refresh in that gap drops the
-        # worker until its next heartbeat, which users see as error 40301.
-        self.no_register = no_register
+
+    def _load(self, model_path: str, options: dict):
+        """(model on its device, tokenizer), loaded on the engine thread through the adapter."""
+        model, tokenizer = self.engine.call(register().load_model, model_path, options)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return self.engine.call(place_model, model, self.device), tokenizer
+
+    def _choose_decode_path(self, model_path: str, backend, forward: str):
+        """(the lean runner or None, the model's own FastChat generate function or None):
+        decoder-only LMs run this package's token loop (on the runner where it covers the
+        model, else the Hugging Face forward); others keep their own function."""
+        own = get_generate_stream_function(self.model, model_path)
+        if own is not fastchat_generate_stream:
+            self.decode_path = f"decode path: the model's own FastChat generate function ({own.__name__})"
+            runner = None
+        else:
+            # On the engine thread: building the runner runs the kernels (its probes), and
+            # kernels run from a second thread slow every later step.
+            runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, self.device, forward)
+            own = None
+        self.engine.runner = runner
+        logger.info(self.decode_path)
+        return runner, own
+
+    def _prefix_cache(self, budget_mb: Optional[int]) -> Optional[PrefixCache]:
+        """None for ``--prefix-cache-mb 0``; ``budget_mb`` None: one full context of KV."""
+        if budget_mb is not None:
+            return PrefixCache(budget_mb << 20) if budget_mb > 0 else None
+        kv_dtype = self.runner.kv_dtype if self.runner is not None else self.model.dtype
+        per_token = kv_bytes_per_token(self.model.config, kv_dtype.itemsize)
+        budget = default_budget_bytes(per_token, self.context_len, physical_memory_bytes(), self.device)
+        logger.info("prefix cache: %d MiB (one %d-token context of this model's KV on CPU, %.2f MiB a token)",
+                    budget >> 20, self.context_len, per_token / 2**20)
+        return PrefixCache(budget)
 
     def generate_stream_gate(self, params):
         try:

@@ -17,8 +17,10 @@ from typing import List, Optional
 from fastchat.serve import model_worker as upstream
 from fastchat.serve.base_model_worker import app
 
+from fastchat_bigdl.adapter import register
 from fastchat_bigdl.common.app_runner import run_app
 from fastchat_bigdl.common.logs import log_to_file, plain_console
+from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
 from fastchat_bigdl.common.paths import low_bit_cache_dir
 from fastchat_bigdl.common.validation import ValidateRequests
 from fastchat_bigdl.lowbit.backend import BackendError
@@ -90,6 +92,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 args.limit_worker_concurrency = DEFAULT_CONCURRENCY
             validate_bigdl_args(parser, args)
     log_to_file(f"model_worker_{upstream.worker_id}.log")
+    bypass_proxy_for_loopback()  # before any HTTP client exists: no proxy sees loopback traffic
+    register()  # a `-bigdl` model directory loads low-bit in upstream mode too
     if not args.bigdl_load:
         return run_upstream(argv)
 
