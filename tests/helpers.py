@@ -39,10 +39,12 @@ def build_tiny_llama(
     architecture: str = "llama",
     rope_scaling: Optional[dict] = None,
     sliding_window: Optional[int] = None,
+    split_regex: Optional[str] = None,
 ) -> Path:
-    """A random-weight Llama (or Mistral: ``architecture="mistral"``) with a byte-level BPE
-    tokenizer trained on a tiny corpus. Dims are multiples of 64, as the low-bit layers
-    require."""
+    """A random-weight Llama (or ``architecture="mistral"`` / ``"qwen2"``) with a byte-level BPE
+    tokenizer trained on a tiny corpus (split as GPT-2 does, or by ``split_regex`` first, as
+    Llama 3's and Qwen2's tokenizer.json do). Dims are multiples of 64, as the low-bit
+    layers require."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -50,6 +52,12 @@ def build_tiny_llama(
     specials = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex:
+        from tokenizers import Regex
+
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -77,6 +85,12 @@ def build_tiny_llama(
     if architecture == "mistral":
         from transformers import MistralConfig, MistralForCausalLM
         model = MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **shape))
+    elif architecture == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+        for layer in model.model.layers:  # trained q/k/v biases are far from the init's zeros
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
     else:
         model = LlamaForCausalLM(LlamaConfig(rope_scaling=rope_scaling, **shape))
     model.save_pretrained(str(path), safe_serialization=True)

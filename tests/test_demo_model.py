@@ -46,7 +46,7 @@ def rope_adjacent_pairs(x, theta):
 def gguf_reference_logits(reader, ids):
     """An independent numpy forward pass straight from the GGUF tensors and metadata."""
     w = {t.name: gguf_checkpoint.dequantized(t).astype(np.float64) for t in reader.tensors}
-    cfg = gguf_checkpoint.llama_config(reader)
+    cfg = gguf_checkpoint.hf_config(reader)
     nh, nkv, eps, theta = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"], cfg["rope_theta"]
     hd = cfg["hidden_size"] // nh
     x = w["token_embd.weight"][ids]

@@ -12,7 +12,7 @@ import pytest
 from fastchat_bigdl.bench.gguf_export import (NotExportable, add_word_vocabulary, export_gguf, permute_rope,
                                                word_vocabulary, write_gguf)
 from fastchat_bigdl.bench.random_model import LlamaShape, build_random_llama
-from fastchat_bigdl.lowbit.gguf_checkpoint import hf_shards, llama_config, unpermute_rope
+from fastchat_bigdl.lowbit.gguf_checkpoint import hf_config, hf_shards, unpermute_rope
 
 # grouped-query attention, so Q and K are permuted with different head counts
 SHAPE = LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=300, context=256)
@@ -27,7 +27,7 @@ def read_back(gguf_path: Path):
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
-    config = llama_config(reader)
+    config = hf_config(reader)
     tensors = {}
     for shard in hf_shards(reader, config):
         tensors.update(shard)

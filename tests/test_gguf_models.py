@@ -13,6 +13,15 @@ from fastchat_bigdl.stack.serve import free_port
 from helpers import CHATML_TEMPLATE, build_tiny_llama, chat, running_stack, write_tiny_gguf
 
 TEXTS = ["hello world how are you today 12345", "<|im_start|>user\nwhat is the capital<|im_end|>\n"]
+# The split patterns as the models' own tokenizer.json files have them (Meta-Llama-3's and
+# Qwen2's), typed here independently of the package's copies from llama.cpp's pre-types.
+HF_SPLITS = {
+    "llama-bpe": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    "qwen2": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+             "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+}
+HARD_TEXTS = TEXTS + ["I'm sure it's 1234567 and 89, isn't it?\n\n  tabs\tand  spaces  ", "Ünïcödé café 😀 — ok\r\n"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,7 @@ def test_conversion_is_cached_and_redone_when_the_file_changes(hf_model, tmp_pat
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ({"arch": "qwen2"}, "only Llama-architecture GGUF files"),
+    ({"arch": "qwen3"}, "only llama, qwen2 GGUF files"),
     ({"pre": "falcon"}, "pre-tokenizer 'falcon' is not supported"),
 ])
 def test_what_cannot_be_converted_is_one_clear_error(hf_model, tmp_path, kind, expected):
@@ -109,3 +118,44 @@ def test_serve_takes_the_demo_gguf_directly(tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@pytest.mark.parametrize("pre, architecture", [("llama-bpe", "llama"), ("qwen2", "qwen2")])
+def test_llama3_and_qwen2_ggufs_convert_with_their_own_pre_tokenizers(tmp_path, pre, architecture):
+    """A Llama-3-style (``llama-bpe``) and a Qwen2 GGUF (Qwen2's tensors: q/k/v biases, Q/K
+    rows not permuted, as llama.cpp's NEOX-style RoPE stores them): the converted
+    checkpoint's tokenizer encodes like the original, its weights round-trip exactly (F32)
+    and it decodes on the lean runner."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastchat_bigdl.engine.selection import choose_forward
+    from fastchat_bigdl.lowbit.backend import resolve_backend
+    from fastchat_bigdl.lowbit.loader import load_low_bit_model
+
+    if architecture == "qwen2":
+        pytest.importorskip("transformers.models.qwen2", reason="this transformers has no Qwen2")
+    original = build_tiny_llama(tmp_path / f"tiny-{pre}", chat_template=CHATML_TEMPLATE, architecture=architecture,
+                                split_regex=HF_SPLITS[pre], heads=4, kv_heads=2, hidden_size=256)
+    gguf_file = write_tiny_gguf(original, tmp_path / f"{pre}.gguf", arch=architecture, pre=pre)
+    # llama.cpp's converter permutes Llama's Q rows for its RoPE and stores Qwen2's as they are
+    import gguf
+    from safetensors.torch import load_file
+
+    from fastchat_bigdl.bench.gguf_export import permute_rope
+
+    stored = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}["blk.0.attn_q.weight"]
+    q = load_file(str(original / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].numpy()
+    expected = q if architecture == "qwen2" else permute_rope(q, 4)
+    assert (stored.data.reshape(q.shape) == expected).all()
+    converted = ensure_checkpoint(gguf_file, tmp_path / "hf")
+    original_tok, converted_tok = (AutoTokenizer.from_pretrained(str(p)) for p in (original, converted))
+    for text in HARD_TEXTS:
+        assert converted_tok(text).input_ids == original_tok(text).input_ids, text
+    ids = torch.tensor([original_tok(TEXTS[1]).input_ids])
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(str(original)).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(converted)).eval()(ids).logits
+    assert torch.equal(got, want)
+    model, _ = load_low_bit_model(str(converted), torch_dtype=torch.float32)
+    runner, line = choose_forward(model, resolve_backend(), "cpu")
+    assert runner is not None and f"lean {'Qwen2' if architecture == 'qwen2' else 'Llama'} runner" in line, line

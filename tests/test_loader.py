@@ -3,7 +3,7 @@ import torch
 
 from fastchat_bigdl.lowbit import loader
 from fastchat_bigdl.lowbit.backend import resolve_backend
-from fastchat_bigdl.lowbit.loader import UnsupportedModel, check_model_supported, load_low_bit_model
+from fastchat_bigdl.lowbit.loader import UnsupportedModel, check_model_supported, load_low_bit_model, optimizations_supported
 from helpers import build_tiny_llama
 
 pytestmark = pytest.mark.backend
@@ -84,7 +84,8 @@ def test_half_precision_checkpoints_convert_in_their_own_dtype_to_the_same_model
     assert ours.model.embed_tokens.weight.dtype == torch.float32
     assert ours.model.norm.weight.dtype == torch.float32
     as_fp32 = backend.auto_model_class.from_pretrained(str(path), load_in_low_bit="sym_int4",
-                                                       torch_dtype=torch.float32, optimize_model=True,
+                                                       torch_dtype=torch.float32,
+                                                       optimize_model=optimizations_supported(backend),
                                                        use_cache=True)
     ids = torch.tensor([tokenizer("hello world how are you today").input_ids])
     with torch.inference_mode():

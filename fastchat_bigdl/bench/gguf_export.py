@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from fastchat_bigdl.lowbit.gguf_checkpoint import CONTROL_TOKEN, GLOBAL_NAMES, LAYER_NAMES
+from fastchat_bigdl.lowbit.gguf_checkpoint import ARCHITECTURES, CONTROL_TOKEN, GLOBAL_NAMES, LAYER_NAMES
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType, GGUFWriter
@@ -58,10 +58,12 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
 def gguf_name(hf_name: str) -> str:
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
-    parts = hf_name.split(".")  # model.layers.N.<module path>.weight
-    if len(parts) < 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in HF_LAYER_TO_GGUF:
+    parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
+    module = ".".join(parts[3:-1])
+    if (len(parts) < 5 or parts[:2] != ["model", "layers"] or module not in HF_LAYER_TO_GGUF
+            or parts[-1] not in ("weight", "bias")):
         raise NotExportable(f"tensor {hf_name!r} has no place in a llama.cpp Llama")
-    return f"blk.{parts[2]}.{HF_LAYER_TO_GGUF['.'.join(parts[3:-1])]}.weight"
+    return f"blk.{parts[2]}.{HF_LAYER_TO_GGUF[module]}.{parts[-1]}"
 
 
 def plain_llama_config(model_path: Path) -> dict:
@@ -180,16 +182,17 @@ def _add_tensor_infos(writer: GGUFWriter, tensors: List[LazyTensor],
 
 
 def _write_tensor_data(writer: GGUFWriter, plan: list, config: dict, progress: Progress,
-                       label: str) -> None:
-    """Load, permute (Q/K) and quantize each tensor in turn: one tensor in memory at a time."""
+                       label: str, permuted_qk: bool) -> None:
+    """Load, permute (Q/K, where the architecture's RoPE wants it) and quantize each tensor
+    in turn: one tensor in memory at a time."""
     from gguf.quants import quantize
 
     heads, kv_heads = _head_counts(config)
     for number, (name, load, kind) in enumerate(plan, start=1):
         value = load()
-        if name.endswith("self_attn.q_proj.weight"):
+        if permuted_qk and name.endswith("self_attn.q_proj.weight"):
             value = permute_rope(value, heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif permuted_qk and name.endswith("self_attn.k_proj.weight"):
             value = permute_rope(value, kv_heads)
         writer.write_tensor_data(quantize(value, kind))
         if number % 50 == 0 or number == len(plan):
@@ -216,7 +219,8 @@ def write_gguf(model_path: Path, out_path: Path, config: dict, add_vocabulary: A
     writer.write_header_to_file(partial)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    _write_tensor_data(writer, plan, config, progress, kind.name.lower())
+    layout = ARCHITECTURES.get(arch, ARCHITECTURES["llama"])  # files of other names: tests of refusals
+    _write_tensor_data(writer, plan, config, progress, kind.name.lower(), layout.permuted_qk)
     writer.close()
     os.replace(partial, out_path)
     return out_path

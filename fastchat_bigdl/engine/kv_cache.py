@@ -144,13 +144,7 @@ class HuggingFaceKV:
     def prefix(self, length: int, room: int = 0) -> "HuggingFaceKV":
         """Copies of the first ``length`` positions in a new cache of the same kind (it grows
         by itself: ``room`` is not needed)."""
-        layers = [(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in self.layers()]
+        layers = tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in self.layers())
         if not hasattr(self.cache, "key_cache"):
-            return HuggingFaceKV(tuple(layers))
-        copy = type(self.cache)()
-        copy.key_cache = [k for k, _ in layers]
-        copy.value_cache = [v for _, v in layers]
-        for counter in ("_seen_tokens", "seen_tokens"):  # transformers 4.39+ / 4.37
-            if hasattr(copy, counter):
-                setattr(copy, counter, length)
-        return HuggingFaceKV(copy)
+            return HuggingFaceKV(layers)
+        return HuggingFaceKV(type(self.cache).from_legacy_cache(layers))  # the cache's own constructor

@@ -52,6 +52,17 @@ class LayerWeights:
 
 
 @dataclass
+class Rope:
+    """Rotary embedding as transformers computes it: ``inv_freq`` (scaling such as
+    ``llama3`` or YaRN already folded in), positions divided by ``position_scale`` (linear
+    scaling in transformers before 4.45), cos and sin multiplied by ``attention_scaling``
+    (YaRN's)."""
+    inv_freq: torch.Tensor
+    position_scale: float = 1.0
+    attention_scaling: float = 1.0
+
+
+@dataclass
 class RunnerShape:
     layers: int
     hidden: int
@@ -68,15 +79,14 @@ class LlamaRunner:
     """Runs a converted Llama-family model; one ``SequenceKV`` per sequence."""
 
     def __init__(self, shape: RunnerShape, embed: torch.Tensor, layers: List[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: LowBitMatmul, inv_freq: torch.Tensor,
-                 position_scale: float = 1.0, decode_rows: int = DECODE_ROWS, kv_dtype: torch.dtype = torch.float32):
+                 final_norm: torch.Tensor, lm_head: LowBitMatmul, rope: Rope,
+                 decode_rows: int = DECODE_ROWS, kv_dtype: torch.dtype = torch.float32):
         self.shape = shape
         self.embed = embed
         self.layers = layers
         self.final_norm = final_norm
         self.lm_head = lm_head
-        self.inv_freq = inv_freq.float()
-        self.position_scale = position_scale
+        self.rope = Rope(rope.inv_freq.float(), rope.position_scale, rope.attention_scaling)
         self.decode_rows = decode_rows
         self.kv_dtype = kv_dtype
         self._cos = self._sin = torch.empty(0, shape.head_dim)
@@ -88,19 +98,22 @@ class LlamaRunner:
 
     def _rope(self, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for positions [0, end), as Hugging Face's rotary embedding
-        computes them (fp32, positions divided by the linear scaling factor)."""
+        computes them (fp32; ``Rope`` says how it is scaled)."""
         if self._cos.shape[0] < end:
             size = -(-end // ROPE_TABLE_QUANTUM) * ROPE_TABLE_QUANTUM
-            t = torch.arange(size, dtype=self.inv_freq.dtype)
-            if self.position_scale != 1.0:
-                t = t / self.position_scale
-            freqs = torch.outer(t, self.inv_freq)
+            rope = self.rope
+            t = torch.arange(size, dtype=rope.inv_freq.dtype)
+            if rope.position_scale != 1.0:
+                t = t / rope.position_scale
+            freqs = torch.outer(t, rope.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             half = self.shape.head_dim // 2
-            sin = emb.sin()
+            cos, sin = emb.cos(), emb.sin()
+            if rope.attention_scaling != 1.0:
+                cos, sin = cos * rope.attention_scaling, sin * rope.attention_scaling
             # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one roll instead of slices and a cat
             sin[:, :half] = -sin[:, :half]
-            self._cos, self._sin = emb.cos(), sin
+            self._cos, self._sin = cos, sin
         return self._cos, self._sin
 
     def _check_room(self, end: int) -> None:

@@ -93,31 +93,15 @@ class Engine:
         return stream
 
     def _consume(self, stream: _Stream) -> Iterator:
-        if self._thread is None:
-            yield from self._consume_inline(stream)
-            return
+        """The client's side of a stream: its chunks as the loop yields them. Inline, the
+        caller's thread runs the engine's turns until the stream has a chunk for it."""
+        inline = self._thread is None
         with self._wake:
-            self._new.append(stream)
+            (self._active if inline else self._new).append(stream)
             self._wake.notify()
         try:
             while True:
-                item = stream.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:  # also when the client went away: the engine closes the loop on its thread
-            stream.cancelled = True
-            with self._wake:
-                self._wake.notify()
-
-    def _consume_inline(self, stream: _Stream) -> Iterator:
-        """The caller's thread runs turns until ``stream`` has a chunk for it."""
-        self._active.append(stream)
-        try:
-            while True:
-                while stream.out.empty():
+                while inline and stream.out.empty():
                     self._safe_turn()
                 item = stream.out.get()
                 if item is _END:
@@ -125,10 +109,13 @@ class Engine:
                 if isinstance(item, _Failure):
                     raise item.exc
                 yield item
-        finally:  # finished, failed, or the reader went away
-            if stream in self._active:
+        finally:  # finished, failed, or the client went away
+            if inline and stream in self._active:
                 self._close(stream)
                 self._active.remove(stream)
+            stream.cancelled = True  # the engine closes the loop on its thread at its next turn
+            with self._wake:
+                self._wake.notify()
 
     # --- engine thread ------------------------------------------------------------
 

@@ -12,16 +12,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, LayerWeights, LlamaRunner, RunnerShape
+from fastchat_bigdl.engine.families import NotCovered, family_of, rope_of
+from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, LayerWeights, LlamaRunner, Rope, RunnerShape
 from fastchat_bigdl.lowbit.backend import LowBitBackend
 from fastchat_bigdl.lowbit.kernels import LowBitMatmul, cpu_matmul
 
-LLAMA_FAMILY = ("llama", "mistral")
 FORWARDS = ("auto", "lean", "hf")
-
-
-class NotCovered(ValueError):
-    """The lean runner does not reproduce this model; the message says why."""
+__all__ = ["NotCovered", "FORWARDS", "build_lean_runner", "choose_forward"]
 
 
 def _matmul(module, backend, where: str):
@@ -29,16 +26,6 @@ def _matmul(module, backend, where: str):
     if kernel is None:
         raise NotCovered(f"{where}: {why}")
     return kernel
-
-
-def _rope_of(attention) -> Tuple[torch.Tensor, float]:
-    rotary = attention.rotary_emb
-    name = type(rotary).__name__
-    if name == "LlamaRotaryEmbedding" or name == "MistralRotaryEmbedding":
-        return rotary.inv_freq, 1.0
-    if name == "LlamaLinearScalingRotaryEmbedding":
-        return rotary.inv_freq, float(rotary.scaling_factor)
-    raise NotCovered(f"RoPE variant {name}")
 
 
 def invariant_decode_rows(matmul: LowBitMatmul, limit: int = DECODE_ROWS) -> int:
@@ -61,55 +48,58 @@ def prefill_rows_are_independent(matmul: LowBitMatmul) -> bool:
     return torch.equal(matmul(a)[7], matmul(b)[7])
 
 
+def _layer_weights(block, backend: LowBitBackend, index: int) -> LayerWeights:
+    attention, mlp = block.self_attn, block.mlp
+    where = f"layer {index}"
+    if hasattr(attention, "qkv_proj"):
+        qkv = (_matmul(attention.qkv_proj, backend, where),)
+    else:
+        qkv = tuple(_matmul(getattr(attention, name), backend, where) for name in ("q_proj", "k_proj", "v_proj"))
+    return LayerWeights(
+        input_norm=block.input_layernorm.weight.data,
+        post_norm=block.post_attention_layernorm.weight.data,
+        qkv=qkv,
+        o=_matmul(attention.o_proj, backend, where),
+        gate=_matmul(mlp.gate_proj, backend, where),
+        up=_matmul(mlp.up_proj, backend, where),
+        down=_matmul(mlp.down_proj, backend, where),
+    )
+
+
+def _shape(model, layers: int, rope: Rope, window: Optional[int]) -> RunnerShape:
+    config = model.config
+    heads = config.num_attention_heads
+    return RunnerShape(
+        layers=layers,
+        hidden=config.hidden_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        norm_eps=float(model.model.layers[0].input_layernorm.variance_epsilon),
+        context=int(config.max_position_embeddings * rope.position_scale),
+        sliding_window=window,
+    )
+
+
 def build_lean_runner(model, backend: LowBitBackend, device: str) -> LlamaRunner:
     """The runner for ``model`` or NotCovered."""
     if not str(device).startswith("cpu"):
         raise NotCovered(f"device {device} (the library's fused forward serves it)")
     config = model.config
-    if config.model_type not in LLAMA_FAMILY:
-        raise NotCovered(f"model type {config.model_type}")
+    family = family_of(config)
     if getattr(config, "hidden_act", "silu") != "silu":
         raise NotCovered(f"activation {config.hidden_act}")
     if model.model.embed_tokens.weight.dtype != torch.float32:
         raise NotCovered(f"weights kept in {model.model.embed_tokens.weight.dtype}")
-    layers = []
-    first_attention = model.model.layers[0].self_attn
-    for index, block in enumerate(model.model.layers):
-        attention, mlp = block.self_attn, block.mlp
-        where = f"layer {index}"
-        if hasattr(attention, "qkv_proj"):
-            qkv = (_matmul(attention.qkv_proj, backend, where),)
-        else:
-            qkv = tuple(_matmul(getattr(attention, name), backend, where)
-                        for name in ("q_proj", "k_proj", "v_proj"))
-        layers.append(LayerWeights(
-            input_norm=block.input_layernorm.weight.data,
-            post_norm=block.post_attention_layernorm.weight.data,
-            qkv=qkv,
-            o=_matmul(attention.o_proj, backend, where),
-            gate=_matmul(mlp.gate_proj, backend, where),
-            up=_matmul(mlp.up_proj, backend, where),
-            down=_matmul(mlp.down_proj, backend, where),
-        ))
-    inv_freq, position_scale = _rope_of(first_attention)
-    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-    shape = RunnerShape(
-        layers=len(layers),
-        hidden=config.hidden_size,
-        heads=first_attention.num_heads,
-        kv_heads=first_attention.num_key_value_heads,
-        head_dim=first_attention.head_dim,
-        vocab=config.vocab_size,
-        norm_eps=float(model.model.layers[0].input_layernorm.variance_epsilon),
-        context=int(config.max_position_embeddings * position_scale),
-        sliding_window=int(window) if window else None,
-    )
+    layers = [_layer_weights(block, backend, index) for index, block in enumerate(model.model.layers)]
+    rope = rope_of(model)
+    shape = _shape(model, len(layers), rope, family.sliding_window(config))
     probe = layers[0].o
     if not prefill_rows_are_independent(probe):
         raise NotCovered("a low-bit kernel whose result for a row depends on the other rows")
     return LlamaRunner(shape, model.model.embed_tokens.weight.data, layers, model.model.norm.weight.data,
-                       _matmul(model.lm_head, backend, "lm_head"), inv_freq, position_scale,
-                       decode_rows=invariant_decode_rows(probe))
+                       _matmul(model.lm_head, backend, "lm_head"), rope, decode_rows=invariant_decode_rows(probe))
 
 
 def choose_forward(model, backend: LowBitBackend, device: str, wanted: str = "auto") -> Tuple[Optional[LlamaRunner], str]:
@@ -124,5 +114,5 @@ def choose_forward(model, backend: LowBitBackend, device: str, wanted: str = "au
         if wanted == "lean":
             raise
         return None, f"decode path: Hugging Face forward (the lean runner does not cover {exc})"
-    return runner, (f"decode path: lean Llama runner ({runner.shape.layers} layers, "
+    return runner, (f"decode path: lean {family_of(model.config).name} runner ({runner.shape.layers} layers, "
                     f"{runner.shape.heads}/{runner.shape.kv_heads} heads, low-bit kernels called directly)")

@@ -1,6 +1,7 @@
-"""GGUF files (what Ollama and llama.cpp users already have) as models: a Llama-family GGUF
-is converted once into a Hugging Face checkpoint in the cache, which the low-bit library
-then loads like any other. The tokenizer and chat template come from the file.
+"""GGUF files (what Ollama and llama.cpp users already have) as models: a Llama-family or
+Qwen2 GGUF is converted once into a Hugging Face checkpoint in the cache, which the
+low-bit library then loads like any other. The tokenizer and chat template come from the
+file: byte-level BPE with the GPT-2, SmolLM, Llama 3 (``llama-bpe``) or Qwen2 pre-tokenizer.
 
 The conversion dequantizes one layer at a time (``gguf``'s numpy dequantizers) and
 writes safetensors shards of about 1 GiB, so memory holds a shard, not the model. What it
@@ -16,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -24,7 +26,7 @@ from fastchat_bigdl.common.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the conversion changes, to rebuild old checkpoints
+FORMAT_VERSION = 3  # bump when the conversion changes, to rebuild old checkpoints
 STAMP = "fastchat_bigdl_gguf.json"
 SHARD_BYTES = 1 << 30
 CONTROL_TOKEN = 3  # llama.cpp token type for special/control tokens
@@ -44,6 +46,30 @@ GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+
+
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How a llama.cpp architecture maps onto a Hugging Face one."""
+    hf_class: str
+    model_type: str
+    permuted_qk: bool  # llama.cpp stores Q/K rows permuted for its RoPE (Llama); not for NEOX-style (Qwen2)
+    extra_config: Tuple[Tuple[str, object], ...] = ()
+
+
+ARCHITECTURES = {
+    "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
+    "qwen2": Architecture("Qwen2ForCausalLM", "qwen2", permuted_qk=False,
+                          extra_config=(("use_sliding_window", False),)),
+}
+
+# The pre-tokenizers' split patterns, as llama.cpp defines its pre-types (and the models'
+# own tokenizer.json files): Llama 3 groups digits by three, Qwen2 splits every digit.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 class UnsupportedGGUF(ValueError):
@@ -75,27 +101,37 @@ def _field(reader, key: str):
     return None if field is None else field.contents()
 
 
-def llama_config(reader) -> dict:
+def architecture_of(reader) -> Tuple[str, Architecture]:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedGGUF(f"only Llama-architecture GGUF files (Llama, Mistral, SmolLM) can be converted, "
-                              f"not {arch!r}")
-    heads = int(_field(reader, "llama.attention.head_count"))
+    if arch not in ARCHITECTURES:
+        raise UnsupportedGGUF(f"only {', '.join(ARCHITECTURES)} GGUF files (Llama, Mistral, SmolLM, Qwen2/2.5) can "
+                              f"be converted, not {arch!r}")
+    return arch, ARCHITECTURES[arch]
+
+
+def hf_config(reader) -> dict:
+    arch, known = architecture_of(reader)
+
+    def key(name: str):
+        return _field(reader, f"{arch}.{name}")
+
+    heads = int(key("attention.head_count"))
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": int(_field(reader, "llama.embedding_length")),
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "architectures": [known.hf_class],
+        "model_type": known.model_type,
+        "hidden_size": int(key("embedding_length")),
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv") or heads),
-        "max_position_embeddings": int(_field(reader, "llama.context_length")),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base") or 10000.0),
+        "num_key_value_heads": int(key("attention.head_count_kv") or heads),
+        "max_position_embeddings": int(key("context_length")),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(key("rope.freq_base") or 10000.0),
         "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
         "torch_dtype": "float32",
+        **dict(known.extra_config),
     }
 
 
@@ -114,15 +150,14 @@ def hf_tensor(name: str, value: np.ndarray, config: dict) -> Tuple[str, np.ndarr
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name], value
     try:
-        _, layer, kind, _ = name.split(".")
+        _, layer, kind, suffix = name.split(".")
         hf_name = LAYER_NAMES[kind]
     except (ValueError, KeyError):
-        raise UnsupportedGGUF(f"tensor {name!r} has no place in a Llama checkpoint") from None
-    if kind == "attn_q":
-        value = unpermute_rope(value, config["num_attention_heads"])
-    elif kind == "attn_k":
-        value = unpermute_rope(value, config["num_key_value_heads"])
-    return f"model.layers.{layer}.{hf_name}.weight", value
+        raise UnsupportedGGUF(f"tensor {name!r} has no place in a {config['model_type']} checkpoint") from None
+    if ARCHITECTURES[config["model_type"]].permuted_qk and kind in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"]
+        value = unpermute_rope(value, heads)
+    return f"model.layers.{layer}.{hf_name}.{suffix}", value
 
 
 def hf_shards(reader, config: dict) -> Iterator[Dict[str, np.ndarray]]:
@@ -146,22 +181,27 @@ def hf_shards(reader, config: dict) -> Iterator[Dict[str, np.ndarray]]:
         yield shard
 
 
-# llama.cpp's pre-tokenizer names -> how to split text before BPE.
 def _pre_tokenizer(name: Optional[str]):
-    from tokenizers import pre_tokenizers
+    """llama.cpp's pre-tokenizer name -> how the text is split before byte-level BPE."""
+    from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if name in (None, "default", "gpt-2", "gpt2"):
         return byte_level
     if name == "smollm":  # single digits, then the GPT-2 split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    raise UnsupportedGGUF(f"the GGUF's pre-tokenizer {name!r} is not supported yet (supported: gpt-2, smollm); "
-                          "serve the model's Hugging Face checkpoint instead")
+    splits = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+    if name in splits:  # the pattern splits, then bytes map to characters without GPT-2's own split
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(splits[name]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise UnsupportedGGUF(f"the GGUF's pre-tokenizer {name!r} is not supported yet (supported: gpt-2, smollm, "
+                          "llama-bpe, qwen2); serve the model's Hugging Face checkpoint instead")
 
 
 def build_tokenizer(reader):
     """A fast GPT-2-style byte-level BPE tokenizer from the GGUF vocab and merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     kind = _field(reader, "tokenizer.ggml.model")
@@ -172,7 +212,10 @@ def build_tokenizer(reader):
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
+    pre = _field(reader, "tokenizer.ggml.pre")
+    tok.pre_tokenizer = _pre_tokenizer(pre)
+    if pre == "qwen2":  # Qwen2's tokenizer normalizes to NFC first
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     specials = [t for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
@@ -191,19 +234,19 @@ def build_tokenizer(reader):
         unk_token=tokens[int(_field(reader, "tokenizer.ggml.unknown_token_id") or 0)],
         pad_token=eos,
         chat_template=template,
-        model_max_length=int(_field(reader, "llama.context_length")),
+        model_max_length=int(_field(reader, f"{architecture_of(reader)[0]}.context_length")),
         clean_up_tokenization_spaces=False,
     )
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Write a Hugging Face checkpoint (config, safetensors shards, tokenizer) for a Llama GGUF."""
+    """Write a Hugging Face checkpoint (config, safetensors shards, tokenizer) for a GGUF."""
     import gguf
     import torch
     from safetensors.torch import save_file
 
     reader = gguf.GGUFReader(str(gguf_path))
-    config = llama_config(reader)
+    config = hf_config(reader)
     tokenizer = build_tokenizer(reader)
     config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)

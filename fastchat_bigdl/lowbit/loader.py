@@ -57,13 +57,18 @@ def check_model_supported(model_path: str) -> None:
     )
 
 
+# The newest transformers each library's model optimizations were built against: they
+# patch transformers' internals (attention classes, cache layouts) that later releases
+# renamed. Measured: bigdl-llm 2.4.0 fits 4.31 (5.x breaks); ipex-llm 2.2.0 fits 4.37,
+# and with 4.51 every family's patched forward fails (`Qwen2SdpaAttention` and friends are
+# gone). Without them the library still converts the linear layers, which is all the
+# lean runner needs.
+OPTIMIZED_UP_TO = {"bigdl-llm": "4.35", "ipex-llm": "4.38"}
+
+
 def optimizations_supported(backend: LowBitBackend) -> bool:
-    """The library's model optimizations patch transformers internals; bigdl-llm 2.4.0's
-    patches only fit the transformers releases it was built against (measured: 4.31 ok,
-    5.x breaks)."""
-    if backend.distribution == "bigdl-llm":
-        return Version(transformers.__version__) < Version("4.35")
-    return True
+    limit = OPTIMIZED_UP_TO.get(backend.distribution)
+    return limit is None or Version(transformers.__version__) < Version(limit)
 
 
 def conversion_dtype(model_path: str, torch_dtype):

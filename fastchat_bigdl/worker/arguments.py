@@ -125,8 +125,8 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--forward",
         default="auto",
         choices=FORWARDS,
-        help="Which forward pass decodes: 'lean' is this package's runner for Llama-family models "
-        "on CPU (faster; greedy output independent of batching and prefix reuse), 'hf' the Hugging "
+        help="Which forward pass decodes: 'lean' is this package's runner for Llama, Mistral and "
+        "Qwen2 models on CPU (faster; greedy output independent of batching and prefix reuse), 'hf' the Hugging "
         "Face forward; 'auto' (default) takes the lean runner where it covers the model.",
     )
     group.add_argument(
