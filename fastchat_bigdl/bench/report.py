@@ -148,17 +148,31 @@ NOT_MEASURED = {"low_bit": "-", "decode": {"tok_s": None, "ttft_s": None}, "repl
 
 
 def format_table(report: dict) -> str:
+    """The bench's console report: the stacks side by side, then the notes below them."""
+    header, rows = _comparison(report)
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    out = [line(header), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
+    out.append("ratios: speed above 1 means ours is faster; RSS is ours / theirs")
+    return "\n".join(out + _notes(report))
+
+
+def _fmt(v, fmt="{:.2f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def _times(v, note=""):
+    return "-" if v is None else f"{v:.2f}x{note}"
+
+
+def _comparison(report: dict):
+    """(header, rows): one row a measurement, a column a stack, with the ratios."""
     stock_label = report.get("baseline") or STOCK
     ours, r = report["stacks"][OURS], report["ratios"]
     stock = report["stacks"][report["baseline"]] if report.get("baseline") else NOT_MEASURED
     peer = report["stacks"].get(LLAMA_CPP)
     vs = report.get("vs_llama_cpp") or {}
-
-    def f(v, fmt="{:.2f}"):
-        return "-" if v is None else fmt.format(v)
-
-    def x(v, note=""):
-        return "-" if v is None else f"{v:.2f}x{note}"
+    f, x = _fmt, _times
 
     def p(key, fmt="{:.3f}", pick=lambda st: st):
         return f(pick(peer)[key], fmt) if peer else None
@@ -199,11 +213,14 @@ def format_table(report: dict) -> str:
         rows.insert(2, (f"TTFT, {ours['long_prompt']['prompt_tokens']}-token prompt (s)", f(_long_ttft(ours), "{:.2f}"),
                         f(_long_ttft(stock), "{:.2f}"), x(r.get("long_prompt_ttft_speedup")),
                         f(_long_ttft(peer), "{:.2f}") if peer else None, x(vs.get("long_prompt_ttft_speedup"))))
-    rows = [row[:len(header)] for row in rows]
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    out = [line(header), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
-    out.append("ratios: speed above 1 means ours is faster; RSS is ours / theirs")
+    return header, [row[:len(header)] for row in rows]
+
+
+def _notes(report: dict) -> list:
+    """Lines under the table: failures, the agent chat, the machine, the profile,
+    concurrency and the targets."""
+    ours, f = report["stacks"][OURS], _fmt
+    out = []
     for label, stack in report["stacks"].items():
         if stack.get("failed"):
             out.append(f"{label} ({stack['low_bit']}): {stack['failed']}")
@@ -230,7 +247,7 @@ def format_table(report: dict) -> str:
                    f"p99 {f(r['gap_p99_ms'], '{:.0f}')} ms, {len(r['errors'])} errors")
     for name, t in report["targets"].items():
         out.append(f"target {name}: {f(t['value'])} -> {'met' if t['met'] else 'NOT met'}")
-    return "\n".join(out)
+    return out
 
 
 def _first_turn_ttft(stack: Optional[dict]) -> Optional[float]:

@@ -147,4 +147,13 @@ class HuggingFaceKV:
         layers = tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in self.layers())
         if not hasattr(self.cache, "key_cache"):
             return HuggingFaceKV(layers)
-        return HuggingFaceKV(type(self.cache).from_legacy_cache(layers))  # the cache's own constructor
+        # The stored tensors as they are (a library cache may hold them quantized), and the
+        # position count the class keeps as a plain attribute (4.37: seen_tokens; 4.39+:
+        # _seen_tokens, with seen_tokens a read-only property).
+        copy = type(self.cache)()
+        copy.key_cache = [k for k, _ in layers]
+        copy.value_cache = [v for _, v in layers]
+        for counter in ("_seen_tokens", "seen_tokens"):
+            if counter in vars(copy):
+                setattr(copy, counter, length)
+        return HuggingFaceKV(copy)

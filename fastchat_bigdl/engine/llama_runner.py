@@ -135,7 +135,8 @@ class LlamaRunner:
         self._check_room(kv.length + len(tokens))  # before any block changes ``kv``
         parts: List[torch.Tensor] = []
         while tokens:
-            piece, tokens = tokens[:self.block_room(kv)], tokens[self.block_room(kv):]
+            room = self.block_room(kv)
+            piece, tokens = tokens[:room], tokens[room:]
             logits = self.prefill_block(piece, kv, all_logits=all_logits, next_logits=not tokens)
             if all_logits:
                 parts.append(logits)

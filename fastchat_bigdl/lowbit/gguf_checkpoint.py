@@ -57,12 +57,14 @@ class Architecture:
     model_type: str
     permuted_qk: bool  # llama.cpp stores Q/K rows permuted for its RoPE (Llama); not for NEOX-style (Qwen2)
     extra_config: Tuple[Tuple[str, object], ...] = ()
+    layer_tensors: Tuple[str, ...] = ()  # what every block must have beyond a Llama's
 
 
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
     "qwen2": Architecture("Qwen2ForCausalLM", "qwen2", permuted_qk=False,
-                          extra_config=(("use_sliding_window", False),)),
+                          extra_config=(("use_sliding_window", False),),
+                          layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
 }
 
 # The pre-tokenizers' split patterns, as llama.cpp defines its pre-types (and the models'
@@ -116,6 +118,11 @@ def hf_config(reader) -> dict:
         return _field(reader, f"{arch}.{name}")
 
     heads = int(key("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    for layer in range(int(key("block_count"))):
+        missing = [n for n in known.layer_tensors if f"blk.{layer}.{n}" not in names]
+        if missing:
+            raise UnsupportedGGUF(f"this {arch} GGUF's block {layer} has no {', '.join(missing)}")
     return {
         "architectures": [known.hf_class],
         "model_type": known.model_type,
@@ -129,7 +136,7 @@ def hf_config(reader) -> dict:
         "rope_theta": float(key("rope.freq_base") or 10000.0),
         "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
         "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+        "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
         **dict(known.extra_config),
     }
