@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -63,6 +64,25 @@ def test_missing_model_path_is_one_error_line_not_a_traceback(tmp_path):
     out = run(["--bigdl_load", "--device", "cpu", "--model-path", str(tmp_path / "nope"), "--no-register"])
     assert out.returncode == 2
     assert "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_damaged_checkpoint_is_one_line_with_the_traceback_in_the_log(tmp_path):
+    """A model that does not load (here: weights cut off mid-file) stops the worker with
+    one line naming the model and the cause; the traceback goes to the worker's log."""
+    from helpers import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tinyllm-instruct")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    logs = tmp_path / "logs"
+    env = {**os.environ, "LOGDIR": str(logs)}
+    out = subprocess.run(WORKER + ["--bigdl_load", "--model-path", str(model), "--no-register",
+                                   "--no-low-bit-cache"], capture_output=True, text=True, timeout=120, env=env)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"cannot load {model}: SafetensorError" in last and "traceback in" in last
+    (log,) = logs.glob("model_worker_*.log")
+    assert "Traceback" in log.read_text()
 
 
 def test_xpu_without_intel_gpu_is_one_clear_error(tiny_llama):

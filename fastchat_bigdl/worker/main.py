@@ -11,8 +11,9 @@ import argparse
 import logging
 import runpy
 import sys
+import traceback
 import warnings
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from fastchat.serve import model_worker as upstream
 from fastchat.serve.base_model_worker import app
@@ -74,6 +75,13 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
     )
 
 
+def refuse_to_start(prog: str, why: str) -> NoReturn:
+    """One line on the real console (FastChat reroutes stderr through its logger), exit 2."""
+    logger.error("cannot start the worker: %s", why)
+    print(f"{prog}: error: {why}", file=sys.__stderr__, flush=True)
+    sys.exit(2)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Upstream defaults --device to cuda; in low-bit mode an unset device means cpu.
@@ -91,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.limit_worker_concurrency is None:
                 args.limit_worker_concurrency = DEFAULT_CONCURRENCY
             validate_bigdl_args(parser, args)
-    log_to_file(f"model_worker_{upstream.worker_id}.log")
+    log_path = log_to_file(f"model_worker_{upstream.worker_id}.log")
     bypass_proxy_for_loopback()  # before any HTTP client exists: no proxy sees loopback traffic
     register()  # a `-bigdl` model directory loads low-bit in upstream mode too
     if not args.bigdl_load:
@@ -101,9 +109,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         worker = create_bigdl_worker(args)
     except (BackendError, DeviceUnavailable, UnsupportedModel, ValueError, OSError) as exc:
-        logger.error("cannot start the worker: %s", exc)
-        print(f"{parser.prog}: error: {exc}", file=sys.__stderr__, flush=True)
-        sys.exit(2)
+        refuse_to_start(parser.prog, str(exc))
+    except Exception as exc:  # noqa: BLE001 - e.g. a damaged checkpoint: one line, the traceback in the log
+        with open(log_path, "a", encoding="utf-8") as log:
+            traceback.print_exc(file=log)
+        lines = str(exc).strip().splitlines()
+        refuse_to_start(parser.prog, f"cannot load {args.model_path}: {type(exc).__name__}"
+                                     f"{': ' + lines[0] if lines else ''} (traceback in {log_path})")
     worker.register_when_listening(args.host, args.port)
     app.include_router(extra_worker_routes(worker))
     app.add_middleware(ValidateRequests, checks=WORKER_CHECKS)
