@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from fastchat_bigdl.lowbit.devices import DeviceUnavailable, place_model, prepare_device
+from fastchat_bigdl.lowbit.devices import DeviceUnavailable, prepare_device
 from fastchat_bigdl.lowbit.formats import load_dtype
 
 
