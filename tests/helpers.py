@@ -40,8 +40,10 @@ def build_tiny_llama(
     rope_scaling: Optional[dict] = None,
     sliding_window: Optional[int] = None,
     split_regex: Optional[str] = None,
+    family_options: Optional[dict] = None,
 ) -> Path:
-    """A random-weight Llama (or ``architecture="mistral"`` / ``"qwen2"``) with a byte-level BPE
+    """A random-weight Llama (or ``architecture=`` one of mistral, qwen2, and on transformers
+    4.53 ``NEWER_FAMILIES``, with ``family_options`` for their config) with a byte-level BPE
     tokenizer trained on a tiny corpus (split as GPT-2 does, or by ``split_regex`` first, as
     Llama 3's and Qwen2's tokenizer.json do). Dims are multiples of 64, as the low-bit
     layers require."""
@@ -91,6 +93,8 @@ def build_tiny_llama(
         for layer in model.model.layers:  # trained q/k/v biases are far from the init's zeros
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
+    elif architecture in NEWER_FAMILIES:
+        model = _newer_family(architecture, shape, heads, sliding_window, rope_scaling, family_options or {})
     else:
         model = LlamaForCausalLM(LlamaConfig(rope_scaling=rope_scaling, **shape))
     model.save_pretrained(str(path), safe_serialization=True)
@@ -100,6 +104,41 @@ def build_tiny_llama(
         cfg["rope_theta"] = rope_theta
         cfg_path.write_text(json.dumps(cfg))
     return path
+
+
+# architecture -> (config class, model class) in transformers.models.<module>
+NEWER_FAMILIES = {
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
+
+
+def _newer_family(architecture, shape, heads, sliding_window, rope_scaling, options):
+    """A model of a family transformers 4.37 does not know, its norms (and Qwen2-style
+    biases, if any) randomised: trained ones are far from the init's ones/zeros, and a
+    forward that skipped or misplaced one must not pass by luck."""
+    import importlib
+
+    import torch
+
+    module, config_name, model_name = NEWER_FAMILIES[architecture]
+    models = importlib.import_module(f"transformers.models.{module}")
+    shape = dict(shape, head_dim=shape["hidden_size"] // heads, pad_token_id=0)
+    if sliding_window is not None:
+        shape["sliding_window"] = sliding_window
+    if rope_scaling is not None:
+        shape["rope_scaling"] = rope_scaling
+    if architecture.startswith("gemma"):
+        shape["hidden_activation"] = "gelu_pytorch_tanh"
+    config = getattr(models, config_name)(**shape, **options)
+    model = getattr(models, model_name)(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):

@@ -52,8 +52,12 @@ def test_big_shapes_are_written_a_layer_at_a_time_and_load(tmp_path):
 
     from fastchat_bigdl.bench.random_model import SHAPE_1B, SHAPE_7B, LlamaShape, layer_tensors
 
+    from fastchat_bigdl.bench.random_model import SHAPE_LLAMA32_1B, SHAPE_QWEN25_05B
+
     assert 6.7e9 < SHAPE_7B.params < 6.8e9 and 1.0e9 < SHAPE_1B.params < 1.2e9
-    shape = LlamaShape(hidden=256, layers=3, heads=8, kv_heads=2, intermediate=512, vocab=512, context=256)
+    assert 1.23e9 < SHAPE_LLAMA32_1B.params < 1.24e9 and 0.49e9 < SHAPE_QWEN25_05B.params < 0.50e9  # as published
+    shape = LlamaShape(hidden=256, layers=3, heads=8, kv_heads=2, intermediate=512, vocab=512, context=256,
+                       rope_theta=5e5)
     lines = []
     path = build_random_llama(tmp_path / "tiny-7b-like", shape, dtype="bfloat16", progress=lines.append)
     index = _json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
@@ -67,6 +71,7 @@ def test_big_shapes_are_written_a_layer_at_a_time_and_load(tmp_path):
     q = model.model.layers[1].self_attn.q_proj.weight.float()
     assert q.dtype == torch.float32 and abs(q.std().item() - 0.02) < 0.002
     assert torch.equal(model.model.norm.weight, torch.ones(shape.hidden, dtype=torch.bfloat16))
+    assert model.config.rope_theta == 5e5
     assert build_random_llama(path, shape, dtype="bfloat16") == path  # reused
     assert build_random_llama(path, shape, dtype="float32") == path and \
         _json.loads((path / "config.json").read_text())["torch_dtype"] == "float32"  # rebuilt in fp32
@@ -425,3 +430,23 @@ def test_english_prompts_are_counted_by_the_model_tokenizer(tiny_llama, tmp_path
     assert len(text.split()) == 20 and text == bench_settings.prompt(s, 20, seed=1)
     count = bench_settings.token_counter(s, str(tiny_llama))
     assert count(text) >= 20
+
+
+def test_llama_cpp_may_run_in_a_python_of_its_own(tmp_path, fake_llama_cpp, monkeypatch):
+    """llama-cpp-python in its own virtualenv (it brings numpy 2): the bench asks that
+    Python for its version and runs llama.cpp there; a Python that cannot import it is the
+    same clear 'missing' as an uninstalled one."""
+    from fastchat_bigdl.bench import llama_cpp_peer
+
+    python = tmp_path / "llama-python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv(llama_cpp_peer.LLAMA_CPP_PYTHON_ENV, str(python))
+    assert llama_cpp_peer.llama_cpp_version() == "0.0-fake"
+    process = llama_cpp_peer.LlamaCppProcess(str(fake_llama_cpp), threads=1)
+    try:
+        assert process.proc.args[0] == str(python)
+    finally:
+        process.close()
+    monkeypatch.setenv(llama_cpp_peer.LLAMA_CPP_PYTHON_ENV, str(tmp_path / "no-such-python"))
+    assert llama_cpp_peer.llama_cpp_version() is None

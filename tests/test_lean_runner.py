@@ -1,6 +1,7 @@
 """The lean Llama runner: the same model as the Hugging Face forward, computed so that a
 position's logits do not depend on how the tokens were split, and only where it covers
 the model exactly."""
+import os
 import random
 
 import pytest
@@ -8,14 +9,14 @@ import torch
 
 from fastchat_bigdl.engine import selection
 from fastchat_bigdl.engine.kv_cache import SequenceKV
-from fastchat_bigdl.engine.llama_runner import LlamaRunner
+from fastchat_bigdl.engine.llama_runner import LlamaRunner, Rope
 from fastchat_bigdl.lowbit.backend import resolve_backend
 from fastchat_bigdl.lowbit.kernels import cpu_matmul
 from fastchat_bigdl.lowbit.loader import UnsupportedModel, load_low_bit_model
 from fastchat_bigdl.worker.generation import generate_stream
 from fastchat_bigdl.worker.output_stream import IncrementalDecoder
 from fastchat_bigdl.worker.prefix_cache import PrefixCache
-from helpers import build_tiny_llama
+from helpers import NEWER_FAMILIES, build_tiny_llama
 
 pytestmark = pytest.mark.backend
 
@@ -31,7 +32,42 @@ SHAPES = {
     "mistral_mqa": dict(architecture="mistral", heads=4, kv_heads=1, hidden_size=256),
     "qwen2_qkv_bias": dict(architecture="qwen2", heads=4, kv_heads=2, hidden_size=256, rope_theta=1e6,
                            tie_word_embeddings=True),
+    # transformers 4.53 families (each skipped where the installed transformers lacks it):
+    # Llama 3.1's RoPE scaling; Qwen3's per-head q/k norms; Phi-3's fused projections with
+    # partial rotary (Phi-4-mini) and longrope (its switch to long factors has its own
+    # test below: here the sequences stay under the original context); Gemma 2's
+    # soft-capping, scaled embeddings, sandwich norms, alternating 16-key windows and its
+    # attention scale; Gemma 3's q/k norms and the local layers' own RoPE base.
+    "llama3_rope": dict(rope_theta=5e5, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "qwen3_qk_norm": dict(architecture="qwen3", heads=4, kv_heads=2, hidden_size=256, rope_theta=1e6,
+                          tie_word_embeddings=True),
+    "phi3_fused_partial_longrope": dict(architecture="phi3", heads=4, kv_heads=2, hidden_size=256, sliding_window=16,
+                                        family_options=dict(
+        partial_rotary_factor=0.5, original_max_position_embeddings=128,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(16)],
+                      "long_factor": [2.0 + i for i in range(16)]})),
+    "gemma2_softcap_windows": dict(architecture="gemma2", heads=4, kv_heads=2, hidden_size=256, sliding_window=16,
+                                   tie_word_embeddings=True, family_options=dict(
+                                   query_pre_attn_scalar=48, attn_logit_softcapping=2.0, final_logit_softcapping=2.0)),
+    "gemma3_local_rope": dict(architecture="gemma3_text", heads=4, kv_heads=1, hidden_size=256, sliding_window=16,
+                              tie_word_embeddings=True, rope_theta=1e6, family_options=dict(
+                                  query_pre_attn_scalar=64, rope_local_base_freq=1e4,
+                                  layer_types=["sliding_attention", "full_attention"])),
 }
+
+
+def skip_unless_this_transformers_has(kwargs):
+    architecture = kwargs.get("architecture", "llama")
+    if architecture != "llama":
+        module = NEWER_FAMILIES.get(architecture, (architecture,))[0]
+        pytest.importorskip(f"transformers.models.{module}", reason=f"this transformers has no {architecture}")
+    if "rope_type" in (kwargs.get("rope_scaling") or {}):
+        import transformers
+        from packaging.version import Version
+        if Version(transformers.__version__) < Version("4.45"):
+            pytest.skip(f"transformers {transformers.__version__} has no rope_type scaling")
 
 
 def load(path, **kwargs):
@@ -44,9 +80,7 @@ def load(path, **kwargs):
 @pytest.fixture(scope="module", params=list(SHAPES))
 def tiny(request, tmp_path_factory):
     kwargs = SHAPES[request.param]
-    if kwargs.get("architecture") in ("mistral", "qwen2"):
-        pytest.importorskip(f"transformers.models.{kwargs['architecture']}",
-                            reason=f"this transformers has no {kwargs['architecture']}")
+    skip_unless_this_transformers_has(kwargs)
     path = build_tiny_llama(tmp_path_factory.mktemp("lean") / request.param, **kwargs)
     model, tokenizer = load(path)
     runner, line = selection.choose_forward(model, BACKEND, "cpu")
@@ -166,7 +200,7 @@ def test_mistral_sliding_window_is_applied(tmp_path):
                                                      attn_implementation="eager", torch_dtype=torch.float32)
     _, tokenizer = load(path)
     runner = selection.build_lean_runner(eager, BACKEND, "cpu")
-    assert runner.shape.sliding_window == 16
+    assert {layer.window for layer in runner.layers} == {16}
     ids = prompt_ids(tokenizer, 40)
     with torch.inference_mode():
         for length in (16, 17, 33, 40):
@@ -297,7 +331,9 @@ def test_prefix_cache_reuses_only_prompt_positions(tiny):
     cold = PrefixCache(64 << 20)
     *_, a = generate_stream(model, tokenizer, dict(follow_up), "cpu", 256, 2, prefix_cache=warm, runner=runner)
     *_, b = generate_stream(model, tokenizer, dict(follow_up), "cpu", 256, 2, prefix_cache=cold, runner=runner)
-    assert warm.reused_tokens == prompt_tokens and cold.reused_tokens == 0
+    # the whole first prompt is reused, unless the answer's first token merges with its last one
+    same = os.path.commonprefix([tokenizer(params["prompt"]).input_ids, tokenizer(follow_up["prompt"]).input_ids])
+    assert warm.reused_tokens == min(prompt_tokens, len(same)) >= prompt_tokens - 1 and cold.reused_tokens == 0
     assert a["text"] == b["text"]
     (warm_kv,) = [kv for ids, kv, _ in warm._entries.values() if len(ids) > prompt_tokens]
     ((_, cold_kv, _),) = cold._entries.values()
@@ -309,15 +345,48 @@ def test_family_descriptions_refuse_what_they_do_not_reproduce():
     pytest.importorskip("transformers.models.qwen2", reason="this transformers has no Qwen2 (nor Mistral)")
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from fastchat_bigdl.engine.families import family_of
+    from fastchat_bigdl.engine.families import family_of, layer_windows
 
-    assert family_of(MistralConfig(sliding_window=512)).sliding_window(MistralConfig(sliding_window=512)) == 512
-    assert family_of(LlamaConfig()).sliding_window(LlamaConfig()) is None
-    assert family_of(Qwen2Config()).sliding_window(Qwen2Config()) is None  # off unless asked for
-    windowed = Qwen2Config(use_sliding_window=True)
-    with pytest.raises(selection.NotCovered, match="sliding-window"):
-        family_of(windowed).sliding_window(windowed)
+    def windows(config):
+        return layer_windows(config, family_of(config))
+
+    assert windows(MistralConfig(sliding_window=512, num_hidden_layers=2)) == (512, 512)
+    assert windows(LlamaConfig(num_hidden_layers=2)) == (None, None)
+    assert windows(Qwen2Config(num_hidden_layers=2)) == (None, None)  # off unless asked for
+    windowed = Qwen2Config(use_sliding_window=True, sliding_window=32, max_window_layers=1, num_hidden_layers=2)
+    if hasattr(windowed, "layer_types"):  # transformers 4.53: per-layer types, served
+        assert windows(windowed) == (None, 32)
+    else:
+        with pytest.raises(selection.NotCovered, match="sliding-window"):
+            windows(windowed)
     other = LlamaConfig()
     other.model_type = "falcon"
     with pytest.raises(selection.NotCovered, match="model type falcon"):
         family_of(other)
+
+
+def test_longrope_switches_to_long_factors_per_position_past_the_original_context():
+    """Phi-3's longrope: below the original context a position's rotation is what
+    transformers computes with the short factors; from it on, with the long ones (which
+    transformers uses once a sequence passes it), whatever the sequence's length."""
+    pytest.importorskip("transformers.models.phi3", reason="this transformers has no Phi-3")
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from fastchat_bigdl.engine.families import rotary_rope
+
+    options = SHAPES["phi3_fused_partial_longrope"]["family_options"]
+    config = Phi3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        pad_token_id=0, **dict(options, original_max_position_embeddings=32))
+    rotary = Phi3RotaryEmbedding(config)
+    rope = rotary_rope(rotary)
+    cos, sin = rope.table(64)
+    x = torch.zeros(1, 64, 1)
+    with torch.no_grad():
+        short_cos, short_sin = rotary(x, torch.arange(32)[None])  # all below: short factors
+        long_cos, long_sin = rotary(x, torch.arange(64)[None])  # past it: long factors
+    assert cos.shape[-1] == 32  # partial rotary: half of the 64 head dimensions
+    assert torch.allclose(cos[:32], short_cos[0], atol=1e-6) and torch.allclose(sin[:32].abs(), short_sin[0].abs(), atol=1e-6)
+    assert torch.allclose(cos[32:], long_cos[0, 32:], atol=1e-6)
+    short_only = Rope(rope.inv_freq, attention_scaling=rope.attention_scaling).table(64)[0]
+    assert not torch.allclose(cos[32:], short_only[32:], atol=1e-3)  # the switch is real

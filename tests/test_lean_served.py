@@ -128,3 +128,24 @@ def test_runner_is_as_close_to_the_exact_model_as_the_librarys_forward(demo_path
         shortfall = exact[top] - exact[chosen]
         library_blur = np.abs(library - exact)[[top, chosen]].sum()
         assert shortfall <= library_blur, (prompt, shortfall, library_blur)
+
+
+@pytest.mark.parametrize("architecture, family", [("qwen3", "Qwen3"), ("phi3", "Phi-3"), ("gemma2", "Gemma 2"),
+                                                  ("gemma3_text", "Gemma 3")])
+def test_newer_families_are_served_on_the_lean_runner(tmp_path, architecture, family):
+    """A Hugging Face directory of each family transformers 4.53 brought, through the real
+    stack: the worker says the lean runner serves it, and a greedy answer repeats exactly
+    alone and among concurrent requests."""
+    from helpers import CHATML_TEMPLATE, NEWER_FAMILIES, build_tiny_llama
+
+    pytest.importorskip(f"transformers.models.{NEWER_FAMILIES[architecture][0]}",
+                        reason=f"this transformers has no {architecture}")
+    path = build_tiny_llama(tmp_path / f"tiny-{architecture}", chat_template=CHATML_TEMPLATE,
+                            architecture=architecture, heads=4, kv_heads=2, hidden_size=256, sliding_window=16)
+    with running_stack(model_path=str(path), model_name="tiny", log_dir=tmp_path / "logs") as stack:
+        log = stack.child("worker").log_path.read_text()
+        assert f"decode path: lean {family} runner" in log
+        alone = ask(stack, PROMPTS[0], max_tokens=24)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda p: ask(stack, p, max_tokens=24), PROMPTS[:4]))
+        assert together[0] == alone

@@ -51,6 +51,52 @@ def test_miss_converts_and_saves_then_hit_skips_conversion_with_identical_output
     assert any(isinstance(m, types) for m in second.modules())
 
 
+@pytest.mark.parametrize("kind", ["tied-embeddings", "qwen2-biases", "bf16-checkpoint"])
+def test_cached_weights_reload_bit_identical_for_every_layout(tmp_path, kind):
+    """Our own entry format (config + one safetensors file, read back onto a meta-device
+    model the library converts shapes-only) gives the very model the conversion gave."""
+    if kind == "tied-embeddings":
+        path = build_tiny_llama(tmp_path / "tied", hidden_size=64, layers=1, tie_word_embeddings=True)
+    elif kind == "qwen2-biases":
+        pytest.importorskip("transformers.models.qwen2", reason="this transformers has no Qwen2")
+        path = build_tiny_llama(tmp_path / "qwen2", hidden_size=64, layers=2, architecture="qwen2")
+    else:
+        path = build_tiny_llama(tmp_path / "bf16", hidden_size=64, layers=1)
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(path)
+    cache = LowBitCache(tmp_path / "cache")
+    first, _ = load(path, cache)
+    second, _ = load(path, cache)
+    assert torch.equal(logits(first), logits(second))
+    assert {n: p.dtype for n, p in first.named_parameters()} == {n: p.dtype for n, p in second.named_parameters()}
+    assert set(first.state_dict()) == set(second.state_dict())
+
+
+def test_an_entry_the_library_would_build_differently_is_rebuilt(model, tmp_path, mocker, caplog):
+    """Weights stored as one format under another format's name (a library change, a
+    hand-copied entry): refused and rebuilt, never served as garbage."""
+    from fastchat_bigdl.lowbit.converted_weights import LAYOUT_KEY, WEIGHTS
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    cache = LowBitCache(tmp_path / "cache")
+    reference, _ = load(model, cache)
+    entry = entries(cache)[0]
+    with safe_open(str(entry / WEIGHTS), framework="pt") as f:
+        layout = json.loads(f.metadata()[LAYOUT_KEY])
+    for item in layout["low_bit"].values():
+        item["qtype"] += 1
+    save_file(load_file(str(entry / WEIGHTS)), str(entry / WEIGHTS), metadata={LAYOUT_KEY: json.dumps(layout)})
+    manifest = json.loads((entry / MANIFEST).read_text())
+    from fastchat_bigdl.lowbit.weights_cache import file_stamps
+    manifest["files"] = file_stamps(entry, skip=MANIFEST)  # consistent stamps: only the content is wrong
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        rebuilt, conversions = load(model, cache, mocker)
+    assert conversions == 1 and "EntryMismatch" in caplog.text
+    assert torch.equal(logits(reference), logits(rebuilt))
+
+
 def test_entries_are_per_low_bit_format(model, tmp_path):
     cache = LowBitCache(tmp_path / "cache")
     backend = resolve_backend()

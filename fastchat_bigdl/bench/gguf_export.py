@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 NORMAL_TOKEN, UNKNOWN_TOKEN = 1, 2  # llama.cpp token types
 TYPES = ("q4_0", "f32")
 HF_TO_GGUF = {hf: gguf for gguf, hf in GLOBAL_NAMES.items()}
-HF_LAYER_TO_GGUF = {hf: gguf for gguf, hf in LAYER_NAMES.items()}
 Progress = Callable[[str], None]
 AddVocabulary = Callable[["GGUFWriter"], None]  # adds the tokenizer.* keys
 # (Hugging Face name, loader of the float32 array, shape) of one checkpoint tensor
@@ -55,15 +54,17 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
+    layout = ARCHITECTURES.get(arch, ARCHITECTURES["llama"])
+    layer_names = {hf: gguf for gguf, hf in {**LAYER_NAMES, **dict(layout.layer_names)}.items()}
     parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
     module = ".".join(parts[3:-1])
-    if (len(parts) < 5 or parts[:2] != ["model", "layers"] or module not in HF_LAYER_TO_GGUF
+    if (len(parts) < 5 or parts[:2] != ["model", "layers"] or module not in layer_names
             or parts[-1] not in ("weight", "bias")):
-        raise NotExportable(f"tensor {hf_name!r} has no place in a llama.cpp Llama")
-    return f"blk.{parts[2]}.{HF_LAYER_TO_GGUF[module]}.{parts[-1]}"
+        raise NotExportable(f"tensor {hf_name!r} has no place in a llama.cpp {arch}")
+    return f"blk.{parts[2]}.{layer_names[module]}.{parts[-1]}"
 
 
 def plain_llama_config(model_path: Path) -> dict:
@@ -150,6 +151,15 @@ def add_architecture(writer: GGUFWriter, model_name: str, config: dict,
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    if config.get("head_dim"):  # Qwen3, Gemma: not hidden / heads
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if config.get("sliding_window") and config.get("model_type", "").startswith("gemma"):
+        writer.add_sliding_window(config["sliding_window"])
+    if config.get("attn_logit_softcapping"):  # Gemma 2
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     file_type = _file_type(matrix_type)
     if file_type is not None:
         writer.add_file_type(file_type)
@@ -165,7 +175,7 @@ def _file_type(matrix_type: GGMLQuantizationType):
 
 
 def _add_tensor_infos(writer: GGUFWriter, tensors: List[LazyTensor],
-                      matrix_type: GGMLQuantizationType) -> list:
+                      matrix_type: GGMLQuantizationType, arch: str) -> list:
     """Each tensor's GGUF name, type and shape, added to the header before any data is
     written; returns (Hugging Face name, loader, GGML type) in file order."""
     from gguf import GGMLQuantizationType
@@ -175,21 +185,24 @@ def _add_tensor_infos(writer: GGUFWriter, tensors: List[LazyTensor],
     for name, load, shape in tensors:
         kind = matrix_type if len(shape) == 2 else GGMLQuantizationType.F32  # norms stay exact
         byte_shape = quant_shape_to_byte_shape(shape, kind)
-        writer.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+        writer.add_tensor_info(gguf_name(name, arch), byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
                                raw_dtype=kind)
         plan.append((name, load, kind))
     return plan
 
 
 def _write_tensor_data(writer: GGUFWriter, plan: list, config: dict, progress: Progress,
-                       label: str, permuted_qk: bool) -> None:
-    """Load, permute (Q/K, where the architecture's RoPE wants it) and quantize each tensor
-    in turn: one tensor in memory at a time."""
+                       label: str, layout) -> None:
+    """Load, permute (Q/K, where the architecture's RoPE wants it), shift (Gemma's norms,
+    stored as 1 + w) and quantize each tensor in turn: one tensor in memory at a time."""
     from gguf.quants import quantize
 
     heads, kv_heads = _head_counts(config)
+    permuted_qk = layout.permuted_qk
     for number, (name, load, kind) in enumerate(plan, start=1):
         value = load()
+        if layout.norm_shift and name.endswith("norm.weight"):
+            value = value + np.float32(layout.norm_shift)
         if permuted_qk and name.endswith("self_attn.q_proj.weight"):
             value = permute_rope(value, heads)
         elif permuted_qk and name.endswith("self_attn.k_proj.weight"):
@@ -213,14 +226,14 @@ def write_gguf(model_path: Path, out_path: Path, config: dict, add_vocabulary: A
     writer = GGUFWriter(None, arch)
     add_architecture(writer, model_path.name, config, kind)
     add_vocabulary(writer)
-    plan = _add_tensor_infos(writer, list(_hf_tensors(model_path)), kind)
+    plan = _add_tensor_infos(writer, list(_hf_tensors(model_path)), kind, arch)
     partial = out_path.with_name(out_path.name + ".partial")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file(partial)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     layout = ARCHITECTURES.get(arch, ARCHITECTURES["llama"])  # files of other names: tests of refusals
-    _write_tensor_data(writer, plan, config, progress, kind.name.lower(), layout.permuted_qk)
+    _write_tensor_data(writer, plan, config, progress, kind.name.lower(), layout)
     writer.close()
     os.replace(partial, out_path)
     return out_path

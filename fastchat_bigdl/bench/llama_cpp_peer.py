@@ -13,6 +13,7 @@ processes, which favours llama.cpp by a few milliseconds per request.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,23 @@ CRASH_HINT = ("a segmentation fault in llama.cpp itself: seen with a native buil
               "rebuild without AMX: " + INSTALL_HINT)
 
 
+# llama-cpp-python may live in a virtualenv of its own (it brings numpy 2, which ipex-llm's
+# stack cannot share): the Python that runs it.
+LLAMA_CPP_PYTHON_ENV = "FASTCHAT_BIGDL_LLAMA_CPP_PYTHON"
+
+
+def llama_cpp_python() -> str:
+    return os.environ.get(LLAMA_CPP_PYTHON_ENV) or sys.executable
+
+
 def llama_cpp_version() -> Optional[str]:
+    """llama-cpp-python's version in the Python that will run it, or None if it is missing."""
+    probe = "import llama_cpp; print(getattr(llama_cpp, '__version__', 'unknown'))"
     try:
-        import llama_cpp
-    except ImportError:
+        out = subprocess.run([llama_cpp_python(), "-c", probe], capture_output=True, text=True, timeout=120)
+    except OSError:
         return None
-    return getattr(llama_cpp, "__version__", "unknown")
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 class LlamaCppExited(RuntimeError):
@@ -57,7 +69,7 @@ class LlamaCppProcess:
                  encode: Optional[Callable[[List[dict]], Sequence[int]]] = None):
         self.encode = encode  # messages -> prompt token ids; None: llama.cpp applies the GGUF's template
         self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER_SCRIPT), gguf_path, str(threads), str(n_ctx), str(prompt_cache_mb)],
+            [llama_cpp_python(), str(SERVER_SCRIPT), gguf_path, str(threads), str(n_ctx), str(prompt_cache_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.load_s = self._read()["load_s"]
 

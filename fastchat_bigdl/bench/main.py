@@ -114,7 +114,8 @@ def shape_of_model(model_path: str) -> LlamaShape:
     return LlamaShape(config["hidden_size"], config["num_hidden_layers"], heads,
                       config.get("num_key_value_heads", heads), config["intermediate_size"],
                       config["vocab_size"], config.get("max_position_embeddings", 2048),
-                      tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+                      tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                      rope_theta=float(config.get("rope_theta", 10000.0)))
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +123,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="A Llama-architecture checkpoint (default: a ~374 M random Llama built locally)")
     parser.add_argument("--shape", choices=list(SHAPES), default=None,
                         help="The random-weight model's shape without --model-path: 374m (default), 1.1b "
-                             "(TinyLlama's), 7b (Llama-2-7B's, written in bf16 a layer at a time), quick")
+                             "(TinyLlama's), 7b (Llama-2-7B's, written in bf16 a layer at a time), llama3.2-1b "
+                             "and qwen2.5-0.5b (vocabularies of 128k/152k, tied embeddings), quick")
     parser.add_argument("--low-bit", default="sym_int4")
     parser.add_argument("--quick", action="store_true", help="A small model and short runs (well under a minute)")
     parser.add_argument("--turns", type=int, default=None, help="Agent replay turns (default 10; --quick 3)")

@@ -26,6 +26,7 @@ class LlamaShape:
     vocab: int
     context: int
     tied_embeddings: bool = False  # lm_head shares the input embedding (SmolLM2)
+    rope_theta: float = 10000.0
 
     @property
     def linear_params(self) -> int:
@@ -47,7 +48,16 @@ QUICK_SHAPE = LlamaShape(hidden=256, layers=4, heads=4, kv_heads=4, intermediate
 # TinyLlama-1.1B's shape (grouped-query attention) and Llama-2-7B's.
 SHAPE_1B = LlamaShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000, context=2048)
 SHAPE_7B = LlamaShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, context=4096)
-SHAPES = {"quick": QUICK_SHAPE, "374m": DEFAULT_SHAPE, "1.1b": SHAPE_1B, "7b": SHAPE_7B}
+# Today's small models with big vocabularies (their lm_head is a large part of a token):
+# Llama-3.2-1B (tied, RoPE base 5e5; its llama3 RoPE scaling only matters past 8k
+# positions and is left out, so llama.cpp reads the same model) and Qwen2.5-0.5B's shape
+# in the Llama layout (its q/k/v biases, 3 vectors a layer, left out).
+SHAPE_LLAMA32_1B = LlamaShape(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
+                              context=8192, tied_embeddings=True, rope_theta=500000.0)
+SHAPE_QWEN25_05B = LlamaShape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+                              context=8192, tied_embeddings=True, rope_theta=1000000.0)
+SHAPES = {"quick": QUICK_SHAPE, "374m": DEFAULT_SHAPE, "1.1b": SHAPE_1B, "7b": SHAPE_7B,
+          "llama3.2-1b": SHAPE_LLAMA32_1B, "qwen2.5-0.5b": SHAPE_QWEN25_05B}
 
 
 def word(i: int) -> str:
@@ -91,7 +101,7 @@ def build_random_llama(path: Path, shape: LlamaShape, seed: int = 0, dtype: str 
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         max_position_embeddings=shape.context, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=shape.tied_embeddings, torch_dtype=dtype,
+        tie_word_embeddings=shape.tied_embeddings, torch_dtype=dtype, rope_theta=shape.rope_theta,
     )
     path.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)

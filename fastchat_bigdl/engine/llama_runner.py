@@ -1,11 +1,14 @@
-"""A lean forward for Llama-family decoders on the low-bit library's CPU kernels.
+"""A lean forward for decoder-only transformers on the low-bit library's CPU kernels:
+Llama and the families that differ from it only in what ``Layer`` and ``RunnerShape``
+describe (``engine/families.py`` reads those from a model).
 
 The Hugging Face forward spends about half of a token's time on ~700 small ops and
 their Python (measured on the demo model: 151 low-bit linear calls take ~15 ms of a
 30-37 ms token). This runner (after gpt-fast's ``model.py``) keeps the weights where the
-library put them and does per layer: RMSNorm, one fused q/k/v call, RoPE from tables
-computed once, keys and values written in place into a preallocated ``SequenceKV``,
-attention, and the gated SiLU MLP.
+library put them and does per layer: RMSNorm, the q/k/v projections (one fused call
+where the model has it), q/k norms where the model has them, RoPE from tables computed
+once, keys and values written in place into a preallocated ``SequenceKV``, attention
+(windowed, soft-capped where the layer says), and the gated MLP (SiLU or tanh-GELU).
 
 Greedy output must not depend on what else the server does, and the low-bit kernel
 rounds a row differently depending on the call: measured on a Xeon with AMX, a call of
@@ -41,25 +44,55 @@ ROPE_TABLE_QUANTUM = 1024
 
 
 @dataclass
-class LayerWeights:
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+class Layer:
+    """One decoder layer: its weights where the library left them and what differs per
+    layer (norm weights with any offset already folded in, e.g. Gemma's ``1 + w``)."""
+    input_norm: torch.Tensor  # before attention
+    post_norm: torch.Tensor  # before the MLP
     qkv: Sequence[LowBitMatmul]  # one fused call, or q, k, v
     o: LowBitMatmul
-    gate: LowBitMatmul
-    up: LowBitMatmul
     down: LowBitMatmul
+    gate: Optional[LowBitMatmul] = None
+    up: Optional[LowBitMatmul] = None
+    gate_up: Optional[LowBitMatmul] = None  # Phi-3: one call, gate columns first
+    q_norm: Optional[torch.Tensor] = None  # Qwen3, Gemma 3: RMSNorm of each head of q and k
+    k_norm: Optional[torch.Tensor] = None
+    attn_out_norm: Optional[torch.Tensor] = None  # Gemma 2/3: on the attention's output
+    mlp_out_norm: Optional[torch.Tensor] = None  # and on the MLP's
+    window: Optional[int] = None  # keys a position sees (sliding window), None: all before it
+    rope: int = 0  # which of the runner's rotary embeddings (Gemma 3's local layers have their own)
 
 
 @dataclass
 class Rope:
     """Rotary embedding as transformers computes it: ``inv_freq`` (scaling such as
-    ``llama3`` or YaRN already folded in), positions divided by ``position_scale`` (linear
-    scaling in transformers before 4.45), cos and sin multiplied by ``attention_scaling``
-    (YaRN's)."""
+    ``llama3`` or YaRN already folded in; half the rotated dimensions, fewer than the
+    head's for partial rotary), positions divided by ``position_scale`` (linear scaling
+    in transformers before 4.45), cos and sin multiplied by ``attention_scaling`` (YaRN's,
+    longrope's). Longrope (Phi-3): positions from ``long_from`` on use ``long_inv_freq``
+    (per position, as vLLM does, so a position's table never depends on the length)."""
     inv_freq: torch.Tensor
     position_scale: float = 1.0
     attention_scaling: float = 1.0
+    long_inv_freq: Optional[torch.Tensor] = None
+    long_from: Optional[int] = None
+
+    def table(self, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [size, rotated dims] for positions [0, size) (fp32)."""
+        inv_freq = self.inv_freq.float()
+        t = torch.arange(size, dtype=inv_freq.dtype)
+        if self.position_scale != 1.0:
+            t = t / self.position_scale
+        freqs = torch.outer(t, inv_freq)
+        if self.long_inv_freq is not None and size > self.long_from:
+            freqs[self.long_from:] = torch.outer(t[self.long_from:], self.long_inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one roll instead of slices and a cat
+        sin[:, :inv_freq.numel()] = -sin[:, :inv_freq.numel()]
+        return cos, sin
 
 
 @dataclass
@@ -72,49 +105,41 @@ class RunnerShape:
     vocab: int
     norm_eps: float
     context: int
-    sliding_window: Optional[int] = None
+    activation: str = "silu"  # of the gated MLP: "silu" or "gelu_tanh" (Gemma)
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden)
+    attention_scale: Optional[float] = None  # None: 1/sqrt(head_dim)
+    attention_softcap: Optional[float] = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    logit_softcap: Optional[float] = None  # Gemma 2: the same on the final logits
 
 
 class LlamaRunner:
     """Runs a converted Llama-family model; one ``SequenceKV`` per sequence."""
 
-    def __init__(self, shape: RunnerShape, embed: torch.Tensor, layers: List[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: LowBitMatmul, rope: Rope,
+    def __init__(self, shape: RunnerShape, embed: torch.Tensor, layers: List[Layer],
+                 final_norm: torch.Tensor, lm_head: LowBitMatmul, ropes: Sequence[Rope],
                  decode_rows: int = DECODE_ROWS, kv_dtype: torch.dtype = torch.float32):
         self.shape = shape
         self.embed = embed
         self.layers = layers
         self.final_norm = final_norm
         self.lm_head = lm_head
-        self.rope = Rope(rope.inv_freq.float(), rope.position_scale, rope.attention_scaling)
+        self.ropes = list(ropes)
         self.decode_rows = decode_rows
         self.kv_dtype = kv_dtype
-        self._cos = self._sin = torch.empty(0, shape.head_dim)
+        self._tables: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def new_sequence(self, expected_positions: int = 0) -> SequenceKV:
         s = self.shape
         return SequenceKV(s.layers, s.kv_heads, s.head_dim, self.kv_dtype, capacity=max(1, expected_positions),
                           limit=s.context)
 
-    def _rope(self, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for positions [0, end), as Hugging Face's rotary embedding
-        computes them (fp32; ``Rope`` says how it is scaled)."""
-        if self._cos.shape[0] < end:
+    def _rope_tables(self, end: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """cos and signed sin of every rotary embedding for positions [0, end), computed
+        once per ``ROPE_TABLE_QUANTUM`` positions."""
+        if not self._tables or self._tables[0][0].shape[0] < end:
             size = -(-end // ROPE_TABLE_QUANTUM) * ROPE_TABLE_QUANTUM
-            rope = self.rope
-            t = torch.arange(size, dtype=rope.inv_freq.dtype)
-            if rope.position_scale != 1.0:
-                t = t / rope.position_scale
-            freqs = torch.outer(t, rope.inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            half = self.shape.head_dim // 2
-            cos, sin = emb.cos(), emb.sin()
-            if rope.attention_scaling != 1.0:
-                cos, sin = cos * rope.attention_scaling, sin * rope.attention_scaling
-            # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one roll instead of slices and a cat
-            sin[:, :half] = -sin[:, :half]
-            self._cos, self._sin = cos, sin
-        return self._cos, self._sin
+            self._tables = [rope.table(size) for rope in self.ropes]
+        return self._tables
 
     def _check_room(self, end: int) -> None:
         if end > self.shape.context:
@@ -157,7 +182,7 @@ class LlamaRunner:
         kv.reserve(base + PREFILL_BLOCK)  # the block attends over all its keys
         ids = torch.zeros(PREFILL_BLOCK, dtype=torch.long)  # padding rows: token 0, never stored
         ids[start - base:end - base] = torch.as_tensor(tokens, dtype=torch.long)
-        out = self._layers(F.embedding(ids, self.embed), PrefillBlock(self, kv, base, start - base, end - base))
+        out = self._layers(self._embed(ids), PrefillBlock(self, kv, base, start - base, end - base))
         kv.length = kv.prefilled = end
         # The whole block through lm_head, so its rows round the same in any split; the
         # next token always comes from a one-row call: the same with or without all_logits.
@@ -179,14 +204,19 @@ class LlamaRunner:
             self._check_room(kv.length + 1)
             kv.reserve(kv.length + 1)
         ids = torch.tensor([token for token, _ in steps], dtype=torch.long)
-        out = self._layers(F.embedding(ids, self.embed), DecodeRows(self, [kv for _, kv in steps]))
+        out = self._layers(self._embed(ids), DecodeRows(self, [kv for _, kv in steps]))
         for _, kv in steps:
             kv.length += 1
         return self._logits(out)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        return x * self.shape.embed_scale if self.shape.embed_scale != 1.0 else x
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         s = self.shape
-        return self.lm_head(F.rms_norm(hidden, (s.hidden,), self.final_norm, s.norm_eps))
+        logits = self.lm_head(F.rms_norm(hidden, (s.hidden,), self.final_norm, s.norm_eps))
+        return _softcap(logits, s.logit_softcap)
 
     def _layers(self, x: torch.Tensor, call: "RunnerCall") -> torch.Tensor:
         """Every layer over the rows of ``x``; ``call`` (a prefill block or decode rows)
@@ -194,8 +224,8 @@ class LlamaRunner:
         s = self.shape
         n = x.shape[0]
         heads, kv_heads, dim = s.heads, s.kv_heads, s.head_dim
-        cos_table, sin_table = self._rope(int(call.positions.max()) + 1)
-        cos, sin = cos_table[call.positions, None, :], sin_table[call.positions, None, :]
+        rotations = [(cos[call.positions, None, :], sin[call.positions, None, :])
+                     for cos, sin in self._rope_tables(int(call.positions.max()) + 1)]
         attn = torch.zeros(n, heads * dim)
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden,), layer.input_norm, s.norm_eps)
@@ -204,15 +234,59 @@ class LlamaRunner:
             else:
                 qkv = torch.cat([proj(h) for proj in layer.qkv], dim=1).view(n, heads + 2 * kv_heads, dim)
             qk = qkv[:, :heads + kv_heads]
-            qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin
+            if layer.q_norm is not None:
+                qk = torch.cat([F.rms_norm(qk[:, :heads], (dim,), layer.q_norm, s.norm_eps),
+                                F.rms_norm(qk[:, heads:], (dim,), layer.k_norm, s.norm_eps)], dim=1)
+            qk = _rotate(qk, *rotations[layer.rope])
             call.store(index, qk[:, heads:], qkv[:, heads + kv_heads:])
             call.attend(index, qk[:, :heads], attn)
-            x = x + layer.o(attn)
-            h = F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps)
-            act = F.silu(layer.gate(h))
-            act *= layer.up(h)
-            x = x + layer.down(act)
+            x = x + _maybe_norm(layer.o(attn), layer.attn_out_norm, s)
+            x = x + _maybe_norm(layer.down(self._gated(layer, F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps))),
+                                layer.mlp_out_norm, s)
         return x
+
+    def _gated(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        if layer.gate_up is not None:
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = layer.gate(h), layer.up(h)
+        act = F.silu(gate) if self.shape.activation == "silu" else F.gelu(gate, approximate="tanh")
+        act *= up
+        return act
+
+
+def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dimensions of each head (all but for partial rotary)."""
+    rotated = cos.shape[-1]
+    if rotated == qk.shape[-1]:
+        return qk * cos + qk.roll(rotated // 2, dims=-1) * sin
+    part = qk[..., :rotated]
+    return torch.cat([part * cos + part.roll(rotated // 2, dims=-1) * sin, qk[..., rotated:]], dim=-1)
+
+
+def _maybe_norm(x: torch.Tensor, weight: Optional[torch.Tensor], shape: RunnerShape) -> torch.Tensor:
+    return x if weight is None else F.rms_norm(x, (x.shape[-1],), weight, shape.norm_eps)
+
+
+def _softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              shape: RunnerShape) -> torch.Tensor:
+    """Scaled dot-product attention of q [1, H, n, d] over k, v [1, KV, L, d] (H a
+    multiple of KV); spelled out where the scores are soft-capped (SDPA cannot)."""
+    if shape.attention_softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=shape.attention_scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = shape.attention_scale if shape.attention_scale is not None else q.shape[-1] ** -0.5
+    scores = _softcap(q @ k.transpose(-1, -2) * scale, shape.attention_softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 class PrefillBlock:
@@ -226,23 +300,30 @@ class PrefillBlock:
 
     def __init__(self, runner: LlamaRunner, kv: SequenceKV, base: int, first: int, stop: int):
         self.shape, self.kv, self.base, self.first, self.stop = runner.shape, kv, base, first, stop
+        self.windows = [layer.window for layer in runner.layers]
         self.positions = torch.arange(base, base + PREFILL_BLOCK)
-        query = self.positions[:, None]
-        key = torch.arange(base + PREFILL_BLOCK)[None, :]
-        self.mask = key <= query  # causal, and the sliding window
-        if self.shape.sliding_window:
-            self.mask &= key > query - self.shape.sliding_window
+        self._masks = {}
+
+    def mask(self, window: Optional[int]) -> torch.Tensor:
+        """Causal, and within ``window`` keys (transformers' rule: key > query - window)."""
+        if window not in self._masks:
+            query = self.positions[:, None]
+            key = torch.arange(self.base + PREFILL_BLOCK)[None, :]
+            mask = key <= query
+            if window:
+                mask &= key > query - window
+            self._masks[window] = mask
+        return self._masks[window]
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.kv.write(layer, self.base + self.first, keys[self.first:self.stop], values[self.first:self.stop])
 
     def attend(self, layer: int, queries: torch.Tensor, attn: torch.Tensor) -> None:
         s = self.shape
-        n, keys = self.mask.shape
+        mask = self.mask(self.windows[layer])
+        n, keys = mask.shape
         q = queries.transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(q, self.kv.keys(layer, 0, keys)[None],
-                                             self.kv.values(layer, 0, keys)[None],
-                                             attn_mask=self.mask, enable_gqa=s.heads != s.kv_heads)
+        out = attention(q, self.kv.keys(layer, 0, keys)[None], self.kv.values(layer, 0, keys)[None], mask, s)
         attn.copy_(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
 
 
@@ -254,6 +335,7 @@ class DecodeRows:
 
     def __init__(self, runner: LlamaRunner, kvs: List[SequenceKV]):
         self.shape, self.kvs = runner.shape, kvs
+        self.windows = [layer.window for layer in runner.layers]
         self.positions = torch.tensor([kv.length for kv in kvs])
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -263,11 +345,10 @@ class DecodeRows:
     def attend(self, layer: int, queries: torch.Tensor, attn: torch.Tensor) -> None:
         s = self.shape
         for row, kv in enumerate(self.kvs):
-            stop = kv.length + 1
-            first = max(0, stop - s.sliding_window) if s.sliding_window else 0
+            stop, window = kv.length + 1, self.windows[layer]
+            first = max(0, stop - window) if window else 0
             q = queries[row].view(1, s.kv_heads, s.heads // s.kv_heads, s.head_dim)
-            out = F.scaled_dot_product_attention(q, kv.keys(layer, first, stop)[None],
-                                                 kv.values(layer, first, stop)[None])
+            out = attention(q, kv.keys(layer, first, stop)[None], kv.values(layer, first, stop)[None], None, s)
             attn[row] = out.view(-1)
 
 

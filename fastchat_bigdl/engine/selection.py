@@ -8,12 +8,12 @@ where the library's fused forward is the fast path) keeps the Hugging Face forwa
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from fastchat_bigdl.engine.families import NotCovered, family_of, rope_of
-from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, LayerWeights, LlamaRunner, Rope, RunnerShape
+from fastchat_bigdl.engine.families import Family, NotCovered, family_of, layer_windows, rope_of, rotary_rope
+from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, Layer, LlamaRunner, Rope, RunnerShape
 from fastchat_bigdl.lowbit.backend import LowBitBackend
 from fastchat_bigdl.lowbit.kernels import LowBitMatmul, cpu_matmul
 
@@ -48,27 +48,56 @@ def prefill_rows_are_independent(matmul: LowBitMatmul) -> bool:
     return torch.equal(matmul(a)[7], matmul(b)[7])
 
 
-def _layer_weights(block, backend: LowBitBackend, index: int) -> LayerWeights:
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _norm(module, family: Family) -> Optional[torch.Tensor]:
+    """An RMSNorm's weight as the runner applies it (Gemma's ``1 + w`` folded in once)."""
+    if module is None:
+        return None
+    weight = module.weight.data
+    return weight + family.norm_offset if family.norm_offset else weight
+
+
+def _layer(block, backend: LowBitBackend, index: int, family: Family, window: Optional[int]) -> Layer:
     attention, mlp = block.self_attn, block.mlp
     where = f"layer {index}"
+
+    def kernel(module):
+        return _matmul(module, backend, where)
+
     if hasattr(attention, "qkv_proj"):
-        qkv = (_matmul(attention.qkv_proj, backend, where),)
+        qkv = (kernel(attention.qkv_proj),)
     else:
-        qkv = tuple(_matmul(getattr(attention, name), backend, where) for name in ("q_proj", "k_proj", "v_proj"))
-    return LayerWeights(
-        input_norm=block.input_layernorm.weight.data,
-        post_norm=block.post_attention_layernorm.weight.data,
-        qkv=qkv,
-        o=_matmul(attention.o_proj, backend, where),
-        gate=_matmul(mlp.gate_proj, backend, where),
-        up=_matmul(mlp.up_proj, backend, where),
-        down=_matmul(mlp.down_proj, backend, where),
+        qkv = tuple(kernel(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj"))
+    if hasattr(mlp, "gate_up_proj"):
+        mlp_kernels = {"gate_up": kernel(mlp.gate_up_proj)}
+    else:
+        mlp_kernels = {"gate": kernel(mlp.gate_proj), "up": kernel(mlp.up_proj)}
+    sandwich = hasattr(block, "pre_feedforward_layernorm")  # Gemma: norms after attention and MLP too
+    return Layer(
+        input_norm=_norm(block.input_layernorm, family),
+        post_norm=_norm(block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm, family),
+        attn_out_norm=_norm(block.post_attention_layernorm, family) if sandwich else None,
+        mlp_out_norm=_norm(getattr(block, "post_feedforward_layernorm", None), family),
+        q_norm=_norm(getattr(attention, "q_norm", None), family),
+        k_norm=_norm(getattr(attention, "k_norm", None), family),
+        qkv=qkv, o=kernel(attention.o_proj), down=kernel(mlp.down_proj), **mlp_kernels,
+        window=window, rope=1 if family.local_rope and window else 0,
     )
 
 
-def _shape(model, layers: int, rope: Rope, window: Optional[int]) -> RunnerShape:
+def _activation(config) -> str:
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if name not in ACTIVATIONS:
+        raise NotCovered(f"activation {name}")
+    return ACTIVATIONS[name]
+
+
+def _shape(model, layers: int, rope: Rope, family: Family) -> RunnerShape:
     config = model.config
     heads = config.num_attention_heads
+    scalar = getattr(config, "query_pre_attn_scalar", None)  # Gemma: scores scaled by its -1/2 power
     return RunnerShape(
         layers=layers,
         hidden=config.hidden_size,
@@ -76,10 +105,22 @@ def _shape(model, layers: int, rope: Rope, window: Optional[int]) -> RunnerShape
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
-        norm_eps=float(model.model.layers[0].input_layernorm.variance_epsilon),
+        norm_eps=float(config.rms_norm_eps),
         context=int(config.max_position_embeddings * rope.position_scale),
-        sliding_window=window,
+        activation=_activation(config),
+        # the value transformers multiplies by: sqrt(hidden) rounded to the weights' dtype (fp32)
+        embed_scale=float(torch.tensor(config.hidden_size ** 0.5)) if family.scales_embeddings else 1.0,
+        attention_scale=float(scalar) ** -0.5 if scalar else None,
+        attention_softcap=getattr(config, "attn_logit_softcapping", None),
+        logit_softcap=getattr(config, "final_logit_softcapping", None),
     )
+
+
+def _ropes(model, family: Family) -> List[Rope]:
+    ropes = [rope_of(model)]
+    if family.local_rope:
+        ropes.append(rotary_rope(getattr(model.model, family.local_rope)))
+    return ropes
 
 
 def build_lean_runner(model, backend: LowBitBackend, device: str) -> LlamaRunner:
@@ -88,18 +129,18 @@ def build_lean_runner(model, backend: LowBitBackend, device: str) -> LlamaRunner
         raise NotCovered(f"device {device} (the library's fused forward serves it)")
     config = model.config
     family = family_of(config)
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise NotCovered(f"activation {config.hidden_act}")
     if model.model.embed_tokens.weight.dtype != torch.float32:
         raise NotCovered(f"weights kept in {model.model.embed_tokens.weight.dtype}")
-    layers = [_layer_weights(block, backend, index) for index, block in enumerate(model.model.layers)]
-    rope = rope_of(model)
-    shape = _shape(model, len(layers), rope, family.sliding_window(config))
+    windows = layer_windows(config, family)
+    layers = [_layer(block, backend, index, family, windows[index])
+              for index, block in enumerate(model.model.layers)]
+    ropes = _ropes(model, family)
+    shape = _shape(model, len(layers), ropes[0], family)
     probe = layers[0].o
     if not prefill_rows_are_independent(probe):
         raise NotCovered("a low-bit kernel whose result for a row depends on the other rows")
-    return LlamaRunner(shape, model.model.embed_tokens.weight.data, layers, model.model.norm.weight.data,
-                       _matmul(model.lm_head, backend, "lm_head"), rope, decode_rows=invariant_decode_rows(probe))
+    return LlamaRunner(shape, model.model.embed_tokens.weight.data, layers, _norm(model.model.norm, family),
+                       _matmul(model.lm_head, backend, "lm_head"), ropes, decode_rows=invariant_decode_rows(probe))
 
 
 def choose_forward(model, backend: LowBitBackend, device: str, wanted: str = "auto") -> Tuple[Optional[LlamaRunner], str]:

@@ -61,6 +61,13 @@ class LowBitBackend:
     def auto_model_class(self):
         return self._import("transformers").AutoModelForCausalLM
 
+    def convert_empty(self, model, qtype: str, optimize_model: bool):
+        """Swap a meta-device model's linear layers for the library's low-bit ones,
+        shapes only (what reading stored converted weights starts from); with
+        ``optimize_model`` also the library's layer rewrites (e.g. fused q/k/v)."""
+        convert = self._import("transformers.convert").ggml_convert_low_bit
+        return convert(model, self.qtypes[qtype], optimize_model=optimize_model, device="meta")
+
     def low_bit_linear_types(self) -> Tuple[type, ...]:
         """The nn.Module classes the library swaps nn.Linear for."""
         mod = self._import("transformers.low_bit_linear")

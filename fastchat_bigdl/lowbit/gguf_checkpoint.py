@@ -1,7 +1,9 @@
-"""GGUF files (what Ollama and llama.cpp users already have) as models: a Llama-family or
-Qwen2 GGUF is converted once into a Hugging Face checkpoint in the cache, which the
-low-bit library then loads like any other. The tokenizer and chat template come from the
-file: byte-level BPE with the GPT-2, SmolLM, Llama 3 (``llama-bpe``) or Qwen2 pre-tokenizer.
+"""GGUF files (what Ollama and llama.cpp users already have) as models: a Llama-family,
+Qwen2/3 or Gemma 2/3 GGUF is converted once into a Hugging Face checkpoint in the cache,
+which the low-bit library then loads like any other. The tokenizer and chat template come
+from the file: byte-level BPE with the GPT-2, SmolLM, Llama 3 (``llama-bpe``) or Qwen2
+pre-tokenizer, or a SentencePiece vocabulary (Llama 2, Mistral v0.x, Gemma) rebuilt as
+the BPE with byte fallback that SentencePiece runs.
 
 The conversion dequantizes one layer at a time (``gguf``'s numpy dequantizers) and
 writes safetensors shards of about 1 GiB, so memory holds a shard, not the model. What it
@@ -18,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -55,9 +57,40 @@ class Architecture:
     """How a llama.cpp architecture maps onto a Hugging Face one."""
     hf_class: str
     model_type: str
-    permuted_qk: bool  # llama.cpp stores Q/K rows permuted for its RoPE (Llama); not for NEOX-style (Qwen2)
+    permuted_qk: bool  # llama.cpp stores Q/K rows permuted for its RoPE (Llama); not for NEOX-style (Qwen, Gemma)
     extra_config: Tuple[Tuple[str, object], ...] = ()
     layer_tensors: Tuple[str, ...] = ()  # what every block must have beyond a Llama's
+    layer_names: Tuple[Tuple[str, str], ...] = ()  # llama.cpp name -> Hugging Face name, beyond LAYER_NAMES
+    norm_shift: float = 0.0  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
+    config: Optional[Callable[[Callable[[str], object], dict], dict]] = None  # more config from the file's keys
+
+
+QK_NORMS = (("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"))
+# Gemma's four norms a block: llama.cpp's ffn_norm is the one before the MLP
+GEMMA_NORMS = (("post_attention_norm", "post_attention_layernorm"), ("ffn_norm", "pre_feedforward_layernorm"),
+               ("post_ffw_norm", "post_feedforward_layernorm"))
+
+
+def _head_dim(key, shape: dict) -> dict:
+    return {"head_dim": int(key("attention.key_length") or shape["hidden_size"] // shape["num_attention_heads"])}
+
+
+def _gemma_config(key, shape: dict, every: int) -> dict:
+    """What llama.cpp assumes for Gemma 2/3 beyond the file's keys: of every ``every``
+    layers all but the last attend over a sliding window; the query scale is
+    head_dim^-1/2 except on the 27B models (46 or 62 blocks), hidden/heads."""
+    config = _head_dim(key, shape)
+    config["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention"
+                             for i in range(shape["num_hidden_layers"])]
+    scalar = (shape["hidden_size"] // shape["num_attention_heads"] if shape["num_hidden_layers"] in (46, 62)
+              else config["head_dim"])
+    config.update(query_pre_attn_scalar=scalar, hidden_act="gelu_pytorch_tanh",
+                  hidden_activation="gelu_pytorch_tanh", sliding_window=int(key("attention.sliding_window") or 4096),
+                  attn_logit_softcapping=key("attn_logit_softcapping"),
+                  final_logit_softcapping=key("final_logit_softcapping"))
+    if key("rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    return config
 
 
 ARCHITECTURES = {
@@ -65,7 +98,18 @@ ARCHITECTURES = {
     "qwen2": Architecture("Qwen2ForCausalLM", "qwen2", permuted_qk=False,
                           extra_config=(("use_sliding_window", False),),
                           layer_tensors=("attn_q.bias", "attn_k.bias", "attn_v.bias")),
+    "qwen3": Architecture("Qwen3ForCausalLM", "qwen3", permuted_qk=False, extra_config=(("use_sliding_window", False),),
+                          layer_tensors=("attn_q_norm.weight", "attn_k_norm.weight"), layer_names=QK_NORMS,
+                          config=_head_dim),
+    "gemma2": Architecture("Gemma2ForCausalLM", "gemma2", permuted_qk=False, layer_names=GEMMA_NORMS,
+                           layer_tensors=("post_attention_norm.weight", "post_ffw_norm.weight"),
+                           norm_shift=1.0, config=lambda key, shape: _gemma_config(key, shape, every=2)),
+    "gemma3": Architecture("Gemma3ForCausalLM", "gemma3_text", permuted_qk=False, layer_names=GEMMA_NORMS + QK_NORMS,
+                           layer_tensors=("post_attention_norm.weight", "post_ffw_norm.weight", "attn_q_norm.weight"),
+                           norm_shift=1.0, config=lambda key, shape: _gemma_config(key, shape, every=6),
+                           extra_config=(("rope_local_base_freq", 10000.0),)),  # Gemma 3's local layers' RoPE base
 }
+
 
 # The pre-tokenizers' split patterns, as llama.cpp defines its pre-types (and the models'
 # own tokenizer.json files): Llama 3 groups digits by three, Qwen2 splits every digit.
@@ -106,8 +150,8 @@ def _field(reader, key: str):
 def architecture_of(reader) -> Tuple[str, Architecture]:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise UnsupportedGGUF(f"only {', '.join(ARCHITECTURES)} GGUF files (Llama, Mistral, SmolLM, Qwen2/2.5) can "
-                              f"be converted, not {arch!r}")
+        raise UnsupportedGGUF(f"only {', '.join(ARCHITECTURES)} GGUF files (Llama, Mistral, SmolLM, Qwen2/2.5/3, "
+                              f"Gemma 2/3) can be converted, not {arch!r}")
     return arch, ARCHITECTURES[arch]
 
 
@@ -123,7 +167,7 @@ def hf_config(reader) -> dict:
         missing = [n for n in known.layer_tensors if f"blk.{layer}.{n}" not in names]
         if missing:
             raise UnsupportedGGUF(f"this {arch} GGUF's block {layer} has no {', '.join(missing)}")
-    return {
+    shape = {
         "architectures": [known.hf_class],
         "model_type": known.model_type,
         "hidden_size": int(key("embedding_length")),
@@ -140,6 +184,11 @@ def hf_config(reader) -> dict:
         "torch_dtype": "float32",
         **dict(known.extra_config),
     }
+    return {**shape, **known.config(key, shape)} if known.config else shape
+
+
+def architecture_for(model_type: str) -> Architecture:
+    return next(known for known in ARCHITECTURES.values() if known.model_type == model_type)
 
 
 def dequantized(tensor) -> np.ndarray:
@@ -154,14 +203,17 @@ def dequantized(tensor) -> np.ndarray:
 
 def hf_tensor(name: str, value: np.ndarray, config: dict) -> Tuple[str, np.ndarray]:
     """A GGUF tensor under its Hugging Face name and layout."""
+    known = architecture_for(config["model_type"])
+    if known.norm_shift and name.endswith("norm.weight"):
+        value = value - known.norm_shift
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name], value
     try:
         _, layer, kind, suffix = name.split(".")
-        hf_name = LAYER_NAMES[kind]
+        hf_name = dict(LAYER_NAMES, **dict(known.layer_names))[kind]
     except (ValueError, KeyError):
         raise UnsupportedGGUF(f"tensor {name!r} has no place in a {config['model_type']} checkpoint") from None
-    if ARCHITECTURES[config["model_type"]].permuted_qk and kind in ("attn_q", "attn_k"):
+    if known.permuted_qk and kind in ("attn_q", "attn_k"):
         heads = config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"]
         value = unpermute_rope(value, heads)
     return f"model.layers.{layer}.{hf_name}.{suffix}", value
@@ -206,17 +258,13 @@ def _pre_tokenizer(name: Optional[str]):
                           "llama-bpe, qwen2); serve the model's Hugging Face checkpoint instead")
 
 
-def build_tokenizer(reader):
-    """A fast GPT-2-style byte-level BPE tokenizer from the GGUF vocab and merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
+NORMAL_TOKEN, USER_DEFINED_TOKEN = 1, 4  # llama.cpp token types (3: control)
 
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedGGUF(f"only byte-level BPE (gpt2) tokenizers can be converted, not {kind!r} "
-                              "(SentencePiece 'llama' tokenizers: serve the Hugging Face checkpoint instead)")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type"))
+
+def _byte_level_bpe(reader, tokens: List[str]):
+    """GPT-2-style byte-level BPE from the file's merges and pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     pre = _field(reader, "tokenizer.ggml.pre")
@@ -224,21 +272,75 @@ def build_tokenizer(reader):
     if pre == "qwen2":  # Qwen2's tokenizer normalizes to NFC first
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(reader, tokens: List[str], types: List[int]):
+    """What SentencePiece runs for a BPE model (Llama 2, Mistral v0.x, Gemma): spaces as
+    '▁' (and one in front where the model adds a dummy prefix), pieces merged by score
+    (transformers' ``generate_merges``, as its SentencePiece converters do), bytes for what
+    the vocabulary lacks. User-defined pieces (Gemma's newlines, tabs, runs of spaces) are
+    matched whole, as SentencePiece does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    scores = [float(x) for x in _field(reader, "tokenizer.ggml.scores")]
+    # llama.cpp writes a user-defined run of spaces as spaces; SentencePiece matches '▁'s
+    pieces = [t.replace(" ", "\u2581") if kind == USER_DEFINED_TOKEN else t for t, kind in zip(tokens, types)]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    mergeable = {piece: score for piece, score, kind in zip(pieces, scores, types) if kind == NORMAL_TOKEN}
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, mergeable), fuse_unk=True,
+                               byte_fallback=True, unk_token=pieces[int(unk)] if unk is not None else None))
+    prefix = _field(reader, "tokenizer.ggml.add_space_prefix")
+    prefix = True if prefix is None else bool(prefix)  # llama.cpp's default for these vocabularies
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    # Added tokens are matched in the normalized text (all are ``normalized``), so the
+    # prefix goes in front of the whole text once, as SentencePiece puts it.
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    tok.add_tokens([AddedToken(piece, normalized=True, special=False)
+                    for piece, kind in zip(pieces, types) if kind == USER_DEFINED_TOKEN])
+    return tok
+
+
+def build_tokenizer(reader):
+    """A fast tokenizer from the GGUF vocabulary: byte-level BPE (``gpt2``) or SentencePiece (``llama``)."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type")]
+    if kind == "gpt2":
+        tok = _byte_level_bpe(reader, tokens)
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(reader, tokens, types)
+    else:
+        raise UnsupportedGGUF(f"only byte-level BPE (gpt2) and SentencePiece (llama) vocabularies can be "
+                              f"converted, not {kind!r}")
     specials = [t for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    in_normalized_text = kind == "llama"  # see _sentencepiece_bpe
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=in_normalized_text) for t in specials])
 
     template = _field(reader, "tokenizer.chat_template")
-    bos = tokens[int(_field(reader, "tokenizer.ggml.bos_token_id"))]
-    eos = tokens[int(_field(reader, "tokenizer.ggml.eos_token_id"))]
-    # A chat model's turn ends with the template's end-of-turn token (<|im_end|>),
-    # which is what the original Hugging Face release uses as EOS.
-    if template and "<|im_end|>" in tokens and "<|im_end|>" in template:
-        eos = "<|im_end|>"
+    bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id"))
+    bos, eos = tokens[bos_id], tokens[int(_field(reader, "tokenizer.ggml.eos_token_id"))]
+    if _field(reader, "tokenizer.ggml.add_bos_token"):  # SentencePiece models start every text with it
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
+    # A chat model's turn ends with the template's end-of-turn token (<|im_end|>,
+    # <end_of_turn>), which is what the original Hugging Face release uses as EOS.
+    for turn_end in ("<|im_end|>", "<end_of_turn>"):
+        if template and turn_end in tokens and turn_end in template:
+            eos = turn_end
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos,
         eos_token=eos,
-        unk_token=tokens[int(_field(reader, "tokenizer.ggml.unknown_token_id") or 0)],
+        unk_token=tokens[int(unk or 0)],
         pad_token=eos,
         chat_template=template,
         model_max_length=int(_field(reader, f"{architecture_of(reader)[0]}.context_length")),
@@ -272,6 +374,32 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+# The low-bit format that keeps about what a GGUF's own quantization kept, by the type of
+# most of its block matrices. Measured on Gemma 3 270M (Q4_K_M: Q5_0 and Q4_K matrices):
+# re-quantized to sym_int4 it answers "Q: What is the capital of France?" with " A. The
+# capital of France is 50"; sym_int5, like the file's own dequantized weights and llama.cpp,
+# with " The capital of France is Paris.".
+LOW_BIT_FOR_GGUF = {
+    "Q4_0": "sym_int4", "Q4_1": "sym_int4", "IQ4_NL": "sym_int4", "IQ4_XS": "sym_int4",
+    "Q4_K": "sym_int5", "Q5_0": "sym_int5", "Q5_1": "sym_int5", "Q5_K": "sym_int5",
+    "Q6_K": "sym_int8", "Q8_0": "sym_int8",
+}
+
+
+def low_bit_for(gguf_path) -> Tuple[str, str]:
+    """(low-bit format, why) for serving ``gguf_path`` when none is asked for: the one
+    closest to its block matrices' own type (sym_int4, the default, for full precision)."""
+    import gguf
+    from collections import Counter
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    kinds = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    if not kinds:
+        return "sym_int4", "no quantized block matrices"
+    kind = kinds.most_common(1)[0][0]
+    return LOW_BIT_FOR_GGUF.get(kind, "sym_int4"), f"its block matrices are mostly {kind}"
 
 
 def _source_stamp(gguf_path: Path) -> dict:

@@ -13,6 +13,7 @@ from packaging.version import Version
 from transformers import AutoTokenizer
 
 from fastchat_bigdl.lowbit.backend import LowBitBackend, resolve_backend
+from fastchat_bigdl.lowbit.converted_weights import load_converted, save_converted
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def check_model_supported(model_path: str) -> None:
     raise UnsupportedModel(
         f"{model_path} uses rope_theta={rope_theta:g}, but transformers {transformers.__version__} "
         f"ignores rope_theta for model_type {config.get('model_type')!r} and would serve wrong "
-        "output. Use the default stack (pip install 'fastchat-bigdl[cpu]', transformers 4.37)."
+        "output. Use the default stack (pip install 'fastchat-bigdl[cpu]', transformers 4.53)."
     )
 
 
@@ -94,6 +95,14 @@ def load_tokenizer(model_path: str, revision: str = "main", trust_remote_code: b
         return AutoTokenizer.from_pretrained(
             model_path, use_fast=False, revision=revision, trust_remote_code=trust_remote_code
         )
+
+
+def _eager_where_sdpa_drops_softcap(model) -> None:
+    """transformers' SDPA attention silently ignores Gemma 2's score soft-capping (only its
+    eager attention applies it), so the Hugging Face forward of such a model runs eager."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None) and getattr(config, "_attn_implementation", None) != "eager":
+        config._attn_implementation = "eager"  # read at every forward (transformers 4.48+)
 
 
 def load_low_bit_model(
@@ -141,10 +150,13 @@ def load_low_bit_model(
     else:
         model, hit = cache.load_or_build(
             model_path, low_bit, backend, str(torch_dtype),
-            load=lambda entry: backend.auto_model_class.load_low_bit(str(entry), **common),
+            load=lambda entry: load_converted(entry, lambda empty: backend.convert_empty(empty, low_bit, optimize_model),
+                                              backend.low_bit_linear_types(), trust_remote_code),
             build=convert,
+            save=lambda model, entry: save_converted(model, entry, backend.low_bit_linear_types()),
         )
     model.eval()
+    _eager_where_sdpa_drops_softcap(model)
     tokenizer = load_tokenizer(model_path, revision, trust_remote_code)
     logger.info("%s %s as %s in %.1f s", "Loaded cached" if hit else "Converted", model_path, low_bit,
                 time.monotonic() - started)

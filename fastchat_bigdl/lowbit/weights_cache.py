@@ -25,7 +25,7 @@ from fastchat_bigdl.lowbit.backend import LowBitBackend
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: our own safetensors layout (lowbit/converted_weights.py)
 MANIFEST = "fastchat_bigdl_low_bit.json"
 
 
@@ -62,8 +62,10 @@ class LowBitCache:
         return None
 
     def load_or_build(self, model_path: str, low_bit: str, backend: LowBitBackend, dtype: str,
-                      load: Callable[[Path], object], build: Callable[[], object]):
-        """Return (model, hit): ``load(entry)`` on a good entry, else ``build()`` and save it."""
+                      load: Callable[[Path], object], build: Callable[[], object],
+                      save: Callable[[object, Path], None]):
+        """Return (model, hit): ``load(entry)`` on a good entry, else ``build()`` and
+        ``save(model, directory)`` it."""
         entry = self.entry_dir(model_path, low_bit, backend, dtype)
         if entry.is_dir():
             problem = self._check(entry, model_path)
@@ -76,14 +78,14 @@ class LowBitCache:
             logger.warning("Rebuilding the low-bit cache entry %s: %s", entry, problem)
             shutil.rmtree(entry, ignore_errors=True)
         model = build()
-        self._save(model, entry, model_path)
+        self._save(model, entry, model_path, save)
         return model, False
 
-    def _save(self, model, entry: Path, model_path: str) -> None:
+    def _save(self, model, entry: Path, model_path: str, save: Callable[[object, Path], None]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.root))
         try:
-            model.save_low_bit(str(tmp))
+            save(model, tmp)
             manifest = {"format": FORMAT, "source": os.path.abspath(model_path),
                         "model_stamps": file_stamps(model_path), "files": file_stamps(tmp)}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

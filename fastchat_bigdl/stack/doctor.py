@@ -16,8 +16,9 @@ from typing import Dict, List, Optional
 from fastchat_bigdl.common.netenv import proxy_settings_before_bypass
 from fastchat_bigdl.lowbit.backend import BackendError, installed_version, resolve_backend
 
-# (low-bit library, version) -> the transformers release it is tested with here
-SUPPORTED = {("ipex-llm", "2.2.0"): "4.37.0", ("bigdl-llm", "2.4.0"): "4.31.0"}
+# (low-bit library, version) -> the transformers releases it is tested with here: the
+# default stack first (docs/versions.md says which serves what)
+SUPPORTED = {("ipex-llm", "2.2.0"): ("4.53.3", "4.37.0"), ("bigdl-llm", "2.4.0"): ("4.31.0",)}
 FSCHAT_RANGE = ("0.2.36", "0.3")
 DEFAULT_PORTS = {8000: "OpenAI API server", 21001: "FastChat controller", 21002: "FastChat worker"}
 
@@ -50,13 +51,14 @@ def versions() -> List[Check]:
         checks.append(Check("low-bit library", False, "none usable", str(exc), blocking=True))
         return checks
     checks.append(Check("low-bit library", True, f"{backend} (active)"))
-    tested = SUPPORTED.get((backend.distribution, backend.version))
+    tested = SUPPORTED.get((backend.distribution, backend.version), ())
+    ok = transformers.__version__ in tested
     checks.append(Check(
-        "supported combination", tested == transformers.__version__,
+        "supported combination", ok,
         f"{backend} with transformers {transformers.__version__}"
-        + (" (tested)" if tested == transformers.__version__ else f" (tested: transformers {tested})"),
+        + (" (tested)" if ok else f" (tested: transformers {' or '.join(tested) or 'none'})"),
         "reinstall one of the tested stacks: pip install 'fastchat-bigdl[cpu]' or 'fastchat-bigdl[bigdl]'",
-        blocking=tested is not None and Version(transformers.__version__).major != Version(tested).major,
+        blocking=bool(tested) and all(Version(transformers.__version__).major != Version(t).major for t in tested),
     ))
     ipex = installed_version("intel-extension-for-pytorch")
     checks.append(Check("intel-extension-for-pytorch", True, ipex or "not installed (needed for --device xpu only)"))

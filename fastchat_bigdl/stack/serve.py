@@ -23,6 +23,7 @@ from fastchat_bigdl.common.netenv import bypass_proxy_for_loopback
 # The API server must not give up on a slow local decode before the client does.
 WORKER_API_TIMEOUT = 600
 STOP_GRACE_SECONDS = 10
+AUTO_LOW_BIT = "auto"  # no --low-bit for the worker: sym_int4, or what a .gguf file's quantization suggests
 PROGRESS_MARKERS = ("fastchat_bigdl", "Converting", "Traceback", "Error", "error:")
 
 
@@ -127,7 +128,7 @@ class Stack:
     model_name: str
     log_dir: Path
     device: str = "cpu"
-    low_bit: Optional[str] = "sym_int4"
+    low_bit: Optional[str] = "sym_int4"  # AUTO_LOW_BIT: the worker's choice; None: FastChat's stock worker
     host: str = "127.0.0.1"
     port: int = 8000
     worker_args: List[str] = field(default_factory=list)
@@ -168,7 +169,9 @@ class Stack:
         if self.low_bit is None:
             module, low_bit_args = "fastchat.serve.model_worker", []
         else:
-            module, low_bit_args = "fastchat_bigdl.model_worker", ["--bigdl_load", "--low-bit", self.low_bit]
+            module, low_bit_args = "fastchat_bigdl.model_worker", ["--bigdl_load"]
+            if self.low_bit != AUTO_LOW_BIT:
+                low_bit_args += ["--low-bit", self.low_bit]
         return [self.python, "-m", module, *low_bit_args, "--model-path", self.model_path,
                 "--model-names", self.model_name, "--device", self.device, "--host", "127.0.0.1",
                 "--port", str(port), "--worker-address", f"http://127.0.0.1:{port}",
@@ -273,8 +276,10 @@ def low_bit_help() -> str:
     # Static: building the parser must not import the low-bit library (it takes seconds).
     from fastchat_bigdl.lowbit.formats import CPU_FORMATS
 
-    return (f"Low-bit weight format (default sym_int4). On cpu: {', '.join(CPU_FORMATS)} (those the installed "
-            "library has); on xpu: any the library loads. Checked before anything starts.")
+    return (f"Low-bit weight format (default sym_int4; for a .gguf file the one closest to its own "
+            f"quantization: sym_int4 for Q4_0/Q4_1, sym_int5 for Q4_K/Q5_x, sym_int8 for Q6_K/Q8_0). On cpu: "
+            f"{', '.join(CPU_FORMATS)} (those the installed library has); on xpu: any the library loads. "
+            "Checked before anything starts.")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -284,7 +289,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None,
                         help="Name served in the API (default: the dir name, or the .gguf file's name without .gguf)")
     parser.add_argument("--device", choices=["cpu", "xpu"], default="cpu")
-    parser.add_argument("--low-bit", default="sym_int4", metavar="FORMAT", help=low_bit_help())
+    parser.add_argument("--low-bit", default=None, metavar="FORMAT", help=low_bit_help())
     parser.add_argument("--host", default="127.0.0.1",
                         help="API server host (default 127.0.0.1; controller and worker always bind 127.0.0.1)")
     parser.add_argument("--api-keys", default=os.environ.get(API_KEYS_ENV),
@@ -320,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
         print("fastchat-bigdl serve: error: --default-max-tokens must be 0 (no cap) or more", file=sys.stderr)
         return 2
     try:
-        check_low_bit(args.device, args.low_bit)
+        if args.low_bit:
+            check_low_bit(args.device, args.low_bit)
     except (BackendError, UnsupportedFormat) as exc:
         print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr)
         return 2
@@ -338,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name or default_name,
         log_dir=Path(args.log_dir) if args.log_dir else cache_dir() / "logs" / time.strftime("%Y%m%d-%H%M%S"),
         device=args.device,
-        low_bit=args.low_bit,
+        low_bit=args.low_bit or AUTO_LOW_BIT,
         host=args.host,
         port=args.port,
         api_keys=args.api_keys,
@@ -352,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_keyboard_interrupt)
     try:
-        print(f"fastchat-bigdl: starting controller, worker ({args.device}, {args.low_bit}) and API server; "
+        low_bit = args.low_bit or ("the format its quantization suggests" if is_gguf(model_path) else "sym_int4")
+        print(f"fastchat-bigdl: starting controller, worker ({args.device}, {low_bit}) and API server; "
               f"logs in {stack.log_dir}", flush=True)
         stack.start()
         stack.wait_ready(args.ready_timeout, progress=lambda line: print(line, flush=True))

@@ -26,7 +26,7 @@ from fastchat_bigdl.common.paths import low_bit_cache_dir
 from fastchat_bigdl.common.validation import ValidateRequests
 from fastchat_bigdl.lowbit.backend import BackendError
 from fastchat_bigdl.lowbit.devices import DeviceUnavailable, use_physical_cores
-from fastchat_bigdl.lowbit.gguf_checkpoint import ensure_checkpoint, is_gguf, served_name
+from fastchat_bigdl.lowbit.gguf_checkpoint import ensure_checkpoint, is_gguf, low_bit_for, served_name
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.worker.admission import AdmissionControl
 from fastchat_bigdl.worker.arguments import DEFAULT_CONCURRENCY, build_parser, own_options_given, validate_bigdl_args
@@ -47,9 +47,12 @@ def run_upstream(argv: List[str]) -> None:
 
 
 def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
-    model_path, model_names = args.model_path, args.model_names
+    model_path, model_names, low_bit = args.model_path, args.model_names, args.low_bit or DEFAULT_LOW_BIT
     if is_gguf(model_path):  # converted once into a cached Hugging Face checkpoint
         model_names = model_names or [served_name(model_path)]
+        if not args.low_bit:
+            low_bit, why = low_bit_for(model_path)
+            logger.info("Serving %s as %s: %s (--low-bit chooses another)", model_path, low_bit, why)
         model_path = str(ensure_checkpoint(model_path))
     return BigDLModelWorker(
         args.controller_address,
@@ -60,7 +63,7 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
         args.limit_worker_concurrency,
         no_register=args.no_register,
         device=args.device,
-        low_bit=args.low_bit or DEFAULT_LOW_BIT,
+        low_bit=low_bit,
         low_bit_backend=args.low_bit_backend,
         trust_remote_code=args.trust_remote_code,
         optimize_model=False if args.no_optimize_model else None,
