@@ -71,7 +71,7 @@ def test_conversion_is_cached_and_redone_when_the_file_changes(hf_model, tmp_pat
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ({"arch": "falcon"}, "only llama, qwen2, qwen3, gemma2, gemma3 GGUF files"),
+    ({"arch": "falcon"}, "only llama, qwen2, qwen3, phi3, gemma2, gemma3 GGUF files"),
     ({"pre": "falcon"}, "pre-tokenizer 'falcon' is not supported"),
 ])
 def test_what_cannot_be_converted_is_one_clear_error(hf_model, tmp_path, kind, expected):
@@ -172,14 +172,20 @@ NEWER_GGUF = {
     "qwen3": ("qwen3", dict(layers=2)),
     "gemma2": ("gemma2", dict(layers=2, sliding_window=16, family_options=dict(query_pre_attn_scalar=64))),
     "gemma3_text": ("gemma3", dict(layers=6, sliding_window=16, family_options=dict(query_pre_attn_scalar=64))),
+    # Phi-3's fused projections, partial rotary, a window and longrope's factors as tensors
+    "phi3": ("phi3", dict(layers=2, sliding_window=16, family_options=dict(
+        partial_rotary_factor=0.5, original_max_position_embeddings=128,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(16)],
+                      "long_factor": [2.0 + i for i in range(16)]}))),
 }
 
 
 @pytest.mark.parametrize("architecture", list(NEWER_GGUF))
-def test_qwen3_and_gemma_ggufs_round_trip_and_decode_on_the_lean_runner(tmp_path, architecture):
+def test_qwen3_phi3_and_gemma_ggufs_round_trip_and_decode_on_the_lean_runner(tmp_path, architecture):
     """Written as llama.cpp lays these families out (its tensor names; Gemma's norms as
-    1 + w; Q/K rows as they are), read back: the same weights and config (logits equal
-    at F32), served by the lean runner."""
+    1 + w; Q/K rows as they are; Phi-3's fused q/k/v and gate/up, rotary dimensions and
+    longrope factors), read back: the same weights and config (logits equal at F32, past
+    the 16-key windows), served by the lean runner."""
     from transformers import AutoModelForCausalLM
 
     from fastchat_bigdl.engine.selection import choose_forward

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from fastchat_bigdl.lowbit.gguf_checkpoint import ARCHITECTURES, CONTROL_TOKEN, GLOBAL_NAMES, LAYER_NAMES
+from fastchat_bigdl.lowbit.gguf_checkpoint import (ARCHITECTURES, CONTROL_TOKEN, GLOBAL_NAMES, LAYER_NAMES,
+                                                   ROPE_FACTOR_TENSORS)
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType, GGUFWriter
@@ -57,6 +58,8 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
 def gguf_name(hf_name: str, arch: str = "llama") -> str:
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
+    if hf_name in ROPE_FACTOR_TENSORS:  # llama.cpp's own name already
+        return hf_name
     layout = ARCHITECTURES.get(arch, ARCHITECTURES["llama"])
     layer_names = {hf: gguf for gguf, hf in {**LAYER_NAMES, **dict(layout.layer_names)}.items()}
     parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
@@ -131,6 +134,16 @@ def _hf_tensors(model_path: Path) -> Iterator[LazyTensor]:
                 yield name, loader(shard, name), tuple(f.get_slice(name).get_shape())
 
 
+def _rope_factor_tensors(config: dict) -> Iterator[LazyTensor]:
+    """Longrope's factors as llama.cpp stores them: two F32 tensors (Phi-3)."""
+    scaling = config.get("rope_scaling") or {}
+    for which in ("long", "short"):
+        factors = scaling.get(f"{which}_factor")
+        if factors:
+            value = np.asarray(factors, dtype=np.float32)
+            yield f"rope_factors_{which}.weight", (lambda v=value: v), value.shape
+
+
 def _head_counts(config: dict) -> Tuple[int, int]:
     """(query heads, key/value heads) of a Hugging Face Llama config."""
     heads = config["num_attention_heads"]
@@ -146,7 +159,8 @@ def add_architecture(writer: GGUFWriter, model_name: str, config: dict,
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * head_dim))
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
@@ -154,8 +168,11 @@ def add_architecture(writer: GGUFWriter, model_name: str, config: dict,
     if config.get("head_dim"):  # Qwen3, Gemma: not hidden / heads
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
-    if config.get("sliding_window") and config.get("model_type", "").startswith("gemma"):
-        writer.add_sliding_window(config["sliding_window"])
+    if config.get("model_type", "").startswith("gemma") or config.get("model_type") == "phi3":
+        writer.add_sliding_window(config.get("sliding_window") or 0)  # 0: none (llama.cpp's Phi-3 rule)
+    rope_scaling = config.get("rope_scaling") or {}
+    if rope_scaling.get("type", rope_scaling.get("rope_type")) in ("longrope", "su"):
+        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
     if config.get("attn_logit_softcapping"):  # Gemma 2
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
     if config.get("final_logit_softcapping"):
@@ -226,7 +243,8 @@ def write_gguf(model_path: Path, out_path: Path, config: dict, add_vocabulary: A
     writer = GGUFWriter(None, arch)
     add_architecture(writer, model_path.name, config, kind)
     add_vocabulary(writer)
-    plan = _add_tensor_infos(writer, list(_hf_tensors(model_path)), kind, arch)
+    tensors = list(_hf_tensors(model_path)) + list(_rope_factor_tensors(config))
+    plan = _add_tensor_infos(writer, tensors, kind, arch)
     partial = out_path.with_name(out_path.name + ".partial")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file(partial)

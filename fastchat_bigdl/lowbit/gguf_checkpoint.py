@@ -1,5 +1,5 @@
 """GGUF files (what Ollama and llama.cpp users already have) as models: a Llama-family,
-Qwen2/3 or Gemma 2/3 GGUF is converted once into a Hugging Face checkpoint in the cache,
+Qwen2/3, Phi-3 or Gemma 2/3 GGUF is converted once into a Hugging Face checkpoint in the cache,
 which the low-bit library then loads like any other. The tokenizer and chat template come
 from the file: byte-level BPE with the GPT-2, SmolLM, Llama 3 (``llama-bpe``) or Qwen2
 pre-tokenizer, or a SentencePiece vocabulary (Llama 2, Mistral v0.x, Gemma) rebuilt as
@@ -62,7 +62,7 @@ class Architecture:
     layer_tensors: Tuple[str, ...] = ()  # what every block must have beyond a Llama's
     layer_names: Tuple[Tuple[str, str], ...] = ()  # llama.cpp name -> Hugging Face name, beyond LAYER_NAMES
     norm_shift: float = 0.0  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
-    config: Optional[Callable[[Callable[[str], object], dict], dict]] = None  # more config from the file's keys
+    config: Optional[Callable[..., dict]] = None  # (key, shape, reader) -> more config from the file
 
 
 QK_NORMS = (("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"))
@@ -71,27 +71,63 @@ GEMMA_NORMS = (("post_attention_norm", "post_attention_layernorm"), ("ffn_norm",
                ("post_ffw_norm", "post_feedforward_layernorm"))
 
 
-def _head_dim(key, shape: dict) -> dict:
+def _head_dim(key, shape: dict, reader=None) -> dict:
     return {"head_dim": int(key("attention.key_length") or shape["hidden_size"] // shape["num_attention_heads"])}
 
 
-def _gemma_config(key, shape: dict, every: int) -> dict:
-    """What llama.cpp assumes for Gemma 2/3 beyond the file's keys: of every ``every``
-    layers all but the last attend over a sliding window; the query scale is
-    head_dim^-1/2 except on the 27B models (46 or 62 blocks), hidden/heads."""
+def _layer_types(key, layers: int, every: int) -> List[str]:
+    """llama.cpp's sliding-window layers: the file's per-layer flags or its period (else
+    ``every``), in which all but the last layer slide."""
+    pattern = key("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        sliding = [bool(flag) for flag in pattern]
+    else:
+        period = int(pattern or every)
+        sliding = [(i + 1) % period != 0 for i in range(layers)]
+    return ["sliding_attention" if flag else "full_attention" for flag in sliding]
+
+
+def _gemma_config(key, shape: dict, every: int, default_window: Optional[int],
+                  default_caps: Tuple[Optional[float], Optional[float]]) -> dict:
+    """What llama.cpp's Gemma 2/3 loaders assume beyond the file's keys (``src/models/
+    gemma2.cpp``, ``gemma3.cpp``): a sliding-window period (2, 6), Gemma 2's 4096-key window
+    and soft-caps 50/30 when absent, Gemma 3 without a window key slides nowhere, the
+    local layers' RoPE base ``rope.freq_base_swa`` (Gemma 3: 10000), and a query scale of
+    head_dim^-1/2 except on the 27B models (46 or 62 blocks): (hidden/heads)^-1/2."""
     config = _head_dim(key, shape)
-    config["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention"
-                             for i in range(shape["num_hidden_layers"])]
-    scalar = (shape["hidden_size"] // shape["num_attention_heads"] if shape["num_hidden_layers"] in (46, 62)
-              else config["head_dim"])
+    window = key("attention.sliding_window")
+    window = default_window if window is None else int(window)
+    layers = shape["num_hidden_layers"]
+    config["layer_types"] = _layer_types(key, layers, every) if window else ["full_attention"] * layers
+    scalar = shape["hidden_size"] // shape["num_attention_heads"] if layers in (46, 62) else config["head_dim"]
+    attn_cap, final_cap = key("attn_logit_softcapping"), key("final_logit_softcapping")
     config.update(query_pre_attn_scalar=scalar, hidden_act="gelu_pytorch_tanh",
-                  hidden_activation="gelu_pytorch_tanh", sliding_window=int(key("attention.sliding_window") or 4096),
-                  attn_logit_softcapping=key("attn_logit_softcapping"),
-                  final_logit_softcapping=key("final_logit_softcapping"))
+                  hidden_activation="gelu_pytorch_tanh", sliding_window=window or None,
+                  attn_logit_softcapping=default_caps[0] if attn_cap is None else attn_cap,
+                  final_logit_softcapping=default_caps[1] if final_cap is None else final_cap,
+                  rope_local_base_freq=float(key("rope.freq_base_swa") or 10000.0))
     if key("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     return config
 
+
+def _phi3_config(key, shape: dict, reader) -> dict:
+    """Phi-3/3.5/4-mini as llama.cpp writes them (``conversion/phi.py``): partial rotary as
+    ``rope.dimension_count``, a sliding window of 0 for none, and longrope's factors as
+    the tensors ``rope_factors_long``/``rope_factors_short`` with the original context."""
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    config = {"partial_rotary_factor": int(key("rope.dimension_count") or head_dim) / head_dim,
+              "sliding_window": int(key("attention.sliding_window") or 0) or None}
+    factors = {t.name: [float(x) for x in np.asarray(t.data).reshape(-1)] for t in reader.tensors
+               if t.name in ROPE_FACTOR_TENSORS}
+    if factors:
+        config["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
+        config["rope_scaling"] = {"type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+                                  "short_factor": factors["rope_factors_short.weight"]}
+    return config
+
+
+ROPE_FACTOR_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # config, not weights
 
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
@@ -101,13 +137,16 @@ ARCHITECTURES = {
     "qwen3": Architecture("Qwen3ForCausalLM", "qwen3", permuted_qk=False, extra_config=(("use_sliding_window", False),),
                           layer_tensors=("attn_q_norm.weight", "attn_k_norm.weight"), layer_names=QK_NORMS,
                           config=_head_dim),
+    "phi3": Architecture("Phi3ForCausalLM", "phi3", permuted_qk=False, layer_tensors=("attn_qkv.weight",),
+                         layer_names=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")),
+                         config=_phi3_config),
     "gemma2": Architecture("Gemma2ForCausalLM", "gemma2", permuted_qk=False, layer_names=GEMMA_NORMS,
-                           layer_tensors=("post_attention_norm.weight", "post_ffw_norm.weight"),
-                           norm_shift=1.0, config=lambda key, shape: _gemma_config(key, shape, every=2)),
+                           layer_tensors=("post_attention_norm.weight", "post_ffw_norm.weight"), norm_shift=1.0,
+                           config=lambda key, shape, reader: _gemma_config(key, shape, 2, 4096, (50.0, 30.0))),
     "gemma3": Architecture("Gemma3ForCausalLM", "gemma3_text", permuted_qk=False, layer_names=GEMMA_NORMS + QK_NORMS,
                            layer_tensors=("post_attention_norm.weight", "post_ffw_norm.weight", "attn_q_norm.weight"),
-                           norm_shift=1.0, config=lambda key, shape: _gemma_config(key, shape, every=6),
-                           extra_config=(("rope_local_base_freq", 10000.0),)),  # Gemma 3's local layers' RoPE base
+                           norm_shift=1.0,
+                           config=lambda key, shape, reader: _gemma_config(key, shape, 6, None, (None, None))),
 }
 
 
@@ -151,7 +190,7 @@ def architecture_of(reader) -> Tuple[str, Architecture]:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise UnsupportedGGUF(f"only {', '.join(ARCHITECTURES)} GGUF files (Llama, Mistral, SmolLM, Qwen2/2.5/3, "
-                              f"Gemma 2/3) can be converted, not {arch!r}")
+                              f"Phi-3/3.5/4-mini, Gemma 2/3) can be converted, not {arch!r}")
     return arch, ARCHITECTURES[arch]
 
 
@@ -184,7 +223,7 @@ def hf_config(reader) -> dict:
         "torch_dtype": "float32",
         **dict(known.extra_config),
     }
-    return {**shape, **known.config(key, shape)} if known.config else shape
+    return {**shape, **known.config(key, shape, reader)} if known.config else shape
 
 
 def architecture_for(model_type: str) -> Architecture:
@@ -224,6 +263,8 @@ def hf_shards(reader, config: dict) -> Iterator[Dict[str, np.ndarray]]:
     (few shards load fast; memory holds one shard and one layer)."""
     by_layer: Dict[int, List] = {}
     for tensor in reader.tensors:
+        if tensor.name in ROPE_FACTOR_TENSORS:  # read into the config (Phi-3's longrope)
+            continue
         parts = tensor.name.split(".")
         by_layer.setdefault(int(parts[1]) if parts[0] == "blk" else -1, []).append(tensor)
     shard: Dict[str, np.ndarray] = {}
