@@ -327,5 +327,6 @@ def test_gemma3_270m_tokenizer_encodes_as_llama_cpp_does():
 def test_a_gguf_is_served_in_the_format_closest_to_its_own(hf_model, tmp_path, quant, expected):
     """Without --low-bit: what the file's block matrices mostly are decides (re-quantizing
     a Q4_K_M Gemma 3 270M to sym_int4 changed its answers; sym_int8 kept llama.cpp's)."""
-    fmt, why = gguf_checkpoint.low_bit_for(write_tiny_gguf(hf_model, tmp_path / f"t.{quant}.gguf", quant))
+    converted = ensure_checkpoint(write_tiny_gguf(hf_model, tmp_path / f"t.{quant}.gguf", quant), tmp_path / "hf")
+    fmt, why = gguf_checkpoint.suggested_low_bit(converted)
     assert fmt == expected and (quant in why or quant == "F32")

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from fastchat_bigdl.lowbit.gguf_checkpoint import (ARCHITECTURES, CONTROL_TOKEN, GLOBAL_NAMES, LAYER_NAMES,
-                                                   ROPE_FACTOR_TENSORS)
+from fastchat_bigdl.lowbit.gguf_checkpoint import ARCHITECTURES, CONTROL_TOKEN, GLOBAL_NAMES, ROPE_FACTOR_TENSORS
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType, GGUFWriter
@@ -61,7 +60,7 @@ def gguf_name(hf_name: str, arch: str = "llama") -> str:
     if hf_name in ROPE_FACTOR_TENSORS:  # llama.cpp's own name already
         return hf_name
     layout = ARCHITECTURES.get(arch, ARCHITECTURES["llama"])
-    layer_names = {hf: gguf for gguf, hf in {**LAYER_NAMES, **dict(layout.layer_names)}.items()}
+    layer_names = {hf: gguf for gguf, hf in layout.block_names.items()}
     parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
     module = ".".join(parts[3:-1])
     if (len(parts) < 5 or parts[:2] != ["model", "layers"] or module not in layer_names

@@ -121,6 +121,7 @@ class LlamaRunner:
         self.shape = shape
         self.embed = embed
         self.layers = layers
+        self.windows = tuple(layer.window for layer in layers)  # read by every attention call
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.ropes = list(ropes)
@@ -241,8 +242,8 @@ class LlamaRunner:
             call.store(index, qk[:, heads:], qkv[:, heads + kv_heads:])
             call.attend(index, qk[:, :heads], attn)
             x = x + _maybe_norm(layer.o(attn), layer.attn_out_norm, s)
-            x = x + _maybe_norm(layer.down(self._gated(layer, F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps))),
-                                layer.mlp_out_norm, s)
+            h = F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps)
+            x = x + _maybe_norm(layer.down(self._gated(layer, h)), layer.mlp_out_norm, s)
         return x
 
     def _gated(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
@@ -300,7 +301,7 @@ class PrefillBlock:
 
     def __init__(self, runner: LlamaRunner, kv: SequenceKV, base: int, first: int, stop: int):
         self.shape, self.kv, self.base, self.first, self.stop = runner.shape, kv, base, first, stop
-        self.windows = [layer.window for layer in runner.layers]
+        self.windows = runner.windows
         self.positions = torch.arange(base, base + PREFILL_BLOCK)
         self._masks = {}
 
@@ -334,8 +335,7 @@ class DecodeRows:
     arithmetic whatever else is in the call."""
 
     def __init__(self, runner: LlamaRunner, kvs: List[SequenceKV]):
-        self.shape, self.kvs = runner.shape, kvs
-        self.windows = [layer.window for layer in runner.layers]
+        self.shape, self.kvs, self.windows = runner.shape, kvs, runner.windows
         self.positions = torch.tensor([kv.length for kv in kvs])
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:

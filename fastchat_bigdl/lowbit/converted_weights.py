@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from fastchat_bigdl.lowbit.backend import LowBitBackend
+
 WEIGHTS = "low_bit_weights.safetensors"
 # Per low-bit weight: its qtype and logical shape; aliases: tied names -> stored name.
 LAYOUT_KEY = "fastchat_bigdl_layout"
@@ -31,8 +33,8 @@ def _low_bit_params(model, low_bit_linear_types):
             yield f"{name}.weight" if name else "weight", module.weight
 
 
-def save_converted(model, directory, low_bit_linear_types) -> None:
-    """Write ``model`` (already converted) to ``directory``."""
+def save_converted(model, directory, backend: LowBitBackend) -> None:
+    """Write ``model`` (already converted by ``backend``) to ``directory``."""
     import torch
     from safetensors.torch import save_file
 
@@ -53,7 +55,7 @@ def save_converted(model, directory, low_bit_linear_types) -> None:
             seen[key] = name
         tensors[name] = value.detach().as_subclass(torch.Tensor).contiguous()
     low_bit = {name: {"qtype": int(p.qtype), "shape": list(p._shape)}
-               for name, p in _low_bit_params(model, low_bit_linear_types)}
+               for name, p in _low_bit_params(model, backend.low_bit_linear_types())}
     layout = {"low_bit": low_bit, "aliases": aliases}
     save_file(tensors, str(directory / WEIGHTS), metadata={LAYOUT_KEY: json.dumps(layout)})
 
@@ -75,9 +77,10 @@ def _put(module, pname, value, old, low_bit_linear_types, layout, full):
         module._buffers[pname] = value
 
 
-def load_converted(directory, convert_empty, low_bit_linear_types, trust_remote_code: bool = False):
-    """Read what :func:`save_converted` wrote. ``convert_empty(model)`` converts a
-    meta-device model's linear layers in place of the library (shapes only)."""
+def load_converted(directory, backend: LowBitBackend, low_bit: str, optimize_model: bool,
+                   trust_remote_code: bool = False):
+    """Read what :func:`save_converted` wrote, onto the model ``backend`` builds for
+    ``low_bit`` (with ``optimize_model`` as at conversion) on the meta device."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,7 +90,8 @@ def load_converted(directory, convert_empty, low_bit_linear_types, trust_remote_
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model = convert_empty(model)
+    model = backend.convert_empty(model, low_bit, optimize_model)
+    low_bit_linear_types = backend.low_bit_linear_types()
     with safe_open(path, framework="pt") as stored:
         layout = json.loads(stored.metadata()[LAYOUT_KEY])
         names = set(stored.keys())

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -28,8 +29,9 @@ from fastchat_bigdl.common.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the conversion changes, to rebuild old checkpoints
+FORMAT_VERSION = 4  # bump when the conversion changes, to rebuild old checkpoints
 STAMP = "fastchat_bigdl_gguf.json"
+SUGGESTION = "fastchat_bigdl_gguf_low_bit.json"  # the format the file's quantization suggests
 SHARD_BYTES = 1 << 30
 CONTROL_TOKEN = 3  # llama.cpp token type for special/control tokens
 LAYER_NAMES = {
@@ -50,8 +52,6 @@ GLOBAL_NAMES = {
 }
 
 
-
-
 @dataclass(frozen=True)
 class Architecture:
     """How a llama.cpp architecture maps onto a Hugging Face one."""
@@ -63,6 +63,11 @@ class Architecture:
     layer_names: Tuple[Tuple[str, str], ...] = ()  # llama.cpp name -> Hugging Face name, beyond LAYER_NAMES
     norm_shift: float = 0.0  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
     config: Optional[Callable[..., dict]] = None  # (key, shape, reader) -> more config from the file
+
+    @cached_property
+    def block_names(self) -> Dict[str, str]:
+        """llama.cpp block tensor kind -> Hugging Face module path, for this architecture."""
+        return {**LAYER_NAMES, **dict(self.layer_names)}
 
 
 QK_NORMS = (("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"))
@@ -249,7 +254,7 @@ def hf_tensor(name: str, value: np.ndarray, config: dict) -> Tuple[str, np.ndarr
         return GLOBAL_NAMES[name], value
     try:
         _, layer, kind, suffix = name.split(".")
-        hf_name = dict(LAYER_NAMES, **dict(known.layer_names))[kind]
+        hf_name = known.block_names[kind]
     except (ValueError, KeyError):
         raise UnsupportedGGUF(f"tensor {name!r} has no place in a {config['model_type']} checkpoint") from None
     if known.permuted_qk and kind in ("attn_q", "attn_k"):
@@ -414,6 +419,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     (out_dir / "generation_config.json").write_text(
         json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
     tokenizer.save_pretrained(str(out_dir))
+    low_bit, why = low_bit_for(reader)  # decided here, where the file is already open
+    (out_dir / SUGGESTION).write_text(json.dumps({"low_bit": low_bit, "why": why}))
     return out_dir
 
 
@@ -431,18 +438,23 @@ LOW_BIT_FOR_GGUF = {
 }
 
 
-def low_bit_for(gguf_path) -> Tuple[str, str]:
-    """(low-bit format, why) for serving ``gguf_path`` when none is asked for: the one
-    closest to its block matrices' own type (sym_int4, the default, for full precision)."""
-    import gguf
+def low_bit_for(reader) -> Tuple[str, str]:
+    """(low-bit format, why) for serving a GGUF when none is asked for: the one closest to
+    its block matrices' own type (sym_int4, the default, for full precision)."""
     from collections import Counter
 
-    reader = gguf.GGUFReader(str(gguf_path))
     kinds = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
     if not kinds:
         return "sym_int4", "no quantized block matrices"
     kind = kinds.most_common(1)[0][0]
     return LOW_BIT_FOR_GGUF.get(kind, "sym_int4"), f"its block matrices are mostly {kind}"
+
+
+def suggested_low_bit(checkpoint: Path) -> Tuple[str, str]:
+    """What ``low_bit_for`` said when ``checkpoint`` was converted (parsing a GGUF's
+    metadata again would cost seconds at every start: 15 s for Gemma 3's 262,144 pieces)."""
+    suggestion = json.loads((Path(checkpoint) / SUGGESTION).read_text())
+    return suggestion["low_bit"], suggestion["why"]
 
 
 def _source_stamp(gguf_path: Path) -> dict:

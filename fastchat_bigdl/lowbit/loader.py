@@ -150,10 +150,9 @@ def load_low_bit_model(
     else:
         model, hit = cache.load_or_build(
             model_path, low_bit, backend, str(torch_dtype),
-            load=lambda entry: load_converted(entry, lambda empty: backend.convert_empty(empty, low_bit, optimize_model),
-                                              backend.low_bit_linear_types(), trust_remote_code),
+            load=lambda entry: load_converted(entry, backend, low_bit, optimize_model, trust_remote_code),
             build=convert,
-            save=lambda model, entry: save_converted(model, entry, backend.low_bit_linear_types()),
+            save=lambda model, entry: save_converted(model, entry, backend),
         )
     model.eval()
     _eager_where_sdpa_drops_softcap(model)

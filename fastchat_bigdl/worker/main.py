@@ -26,7 +26,7 @@ from fastchat_bigdl.common.paths import low_bit_cache_dir
 from fastchat_bigdl.common.validation import ValidateRequests
 from fastchat_bigdl.lowbit.backend import BackendError
 from fastchat_bigdl.lowbit.devices import DeviceUnavailable, use_physical_cores
-from fastchat_bigdl.lowbit.gguf_checkpoint import ensure_checkpoint, is_gguf, low_bit_for, served_name
+from fastchat_bigdl.lowbit.gguf_checkpoint import ensure_checkpoint, is_gguf, served_name, suggested_low_bit
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT, UnsupportedModel
 from fastchat_bigdl.worker.admission import AdmissionControl
 from fastchat_bigdl.worker.arguments import DEFAULT_CONCURRENCY, build_parser, own_options_given, validate_bigdl_args
@@ -50,10 +50,10 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
     model_path, model_names, low_bit = args.model_path, args.model_names, args.low_bit or DEFAULT_LOW_BIT
     if is_gguf(model_path):  # converted once into a cached Hugging Face checkpoint
         model_names = model_names or [served_name(model_path)]
+        gguf_path, model_path = model_path, str(ensure_checkpoint(model_path))
         if not args.low_bit:
-            low_bit, why = low_bit_for(model_path)
-            logger.info("Serving %s as %s: %s (--low-bit chooses another)", model_path, low_bit, why)
-        model_path = str(ensure_checkpoint(model_path))
+            low_bit, why = suggested_low_bit(model_path)
+            logger.info("Serving %s as %s: %s (--low-bit chooses another)", gguf_path, low_bit, why)
     return BigDLModelWorker(
         args.controller_address,
         args.worker_address,
