@@ -74,8 +74,9 @@ def register() -> BigDLLLMAdapter:
 def conversation_for(model_path: str, tokenizer, logger=None) -> Conversation:
     """The prompt template for a low-bit model: FastChat's specific template for the
     model when it knows one, else the tokenizer's own chat template, else FastChat's
-    generic fallback (with a warning, since answers will suffer)."""
-    from fastchat_bigdl.common.chat_template import conversation_from_chat_template
+    generic fallback (with a warning, since answers will suffer, unless the tokenizer's
+    template renders the chats: ``prompts_need_template``)."""
+    from fastchat_bigdl.common.chat_template import conversation_from_chat_template, prompts_need_template
 
     adapter = underlying_adapter(model_path)
     if type(adapter) is not BaseModelAdapter:
@@ -83,10 +84,11 @@ def conversation_for(model_path: str, tokenizer, logger=None) -> Conversation:
     conv = conversation_from_chat_template(tokenizer)
     if conv is not None:
         return conv
-    if logger is not None:
+    fallback = adapter.get_default_conv_template(model_path)
+    if logger is not None and not prompts_need_template(fallback, tokenizer):  # else the template renders
         logger.warning(
             "FastChat has no template for %s and its tokenizer has no usable chat template; "
             "using FastChat's generic one. Pass --conv-template to choose one.",
             model_path,
         )
-    return adapter.get_default_conv_template(model_path)
+    return fallback

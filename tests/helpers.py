@@ -41,17 +41,18 @@ def build_tiny_llama(
     sliding_window: Optional[int] = None,
     split_regex: Optional[str] = None,
     family_options: Optional[dict] = None,
+    special_tokens: tuple = (),
 ) -> Path:
     """A random-weight Llama (or ``architecture=`` one of mistral, qwen2, and on transformers
     4.53 ``NEWER_FAMILIES``, with ``family_options`` for their config) with a byte-level BPE
     tokenizer trained on a tiny corpus (split as GPT-2 does, or by ``split_regex`` first, as
-    Llama 3's and Qwen2's tokenizer.json do). Dims are multiples of 64, as the low-bit
-    layers require."""
+    Llama 3's and Qwen2's tokenizer.json do; ``special_tokens`` added as special). Dims are
+    multiples of 64, as the low-bit layers require."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    specials = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", *special_tokens]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split_regex:

@@ -16,6 +16,7 @@ from fastchat_bigdl.api.tool_calling.grammar import output_grammar
 from fastchat_bigdl.api.tool_calling.parse import StreamSplitter, parse_reply
 from fastchat_bigdl.api.tool_calling.prompt import render_generic, render_prompt
 from fastchat_bigdl.api.tool_calling.spec import Tool, tool_request, uses_tools_or_json
+from tool_templates import QWEN_STYLE
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 16},
@@ -113,23 +114,11 @@ def test_tool_choice_none_keeps_tools_out_of_the_prompt(chatml):
     assert "<tools>" not in render_generic(chatml, HISTORY[:2], req)
 
 
-QWEN_STYLE = (
-    "{%- if tools %}<|im_start|>system\n{{ messages[0]['content'] }}\n<tools>\n"
-    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n{%- endif %}"
-    "{%- for m in messages[1:] %}"
-    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant"
-    "{%- for c in m.tool_calls %}\n<tool_call>\n{{ c.function | tojson }}\n</tool_call>{%- endfor %}<|im_end|>\n"
-    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
-)
-
-
 def test_a_chat_template_that_knows_tools_renders_them_itself(chatml):
     req = tool_request({"tools": openai_tools(TOOLS[0])})
     info = {"chat_template": QWEN_STYLE, "bos_token": None, "eos_token": "<|im_end|>"}
     conv = dataclasses.asdict(chatml)
-    prompt = render_prompt(conv, info, HISTORY, req)
+    prompt = render_prompt(conv, info, HISTORY, req).text
     assert '"description": "Weather forecast for a city"' in prompt  # from the template's tojson
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>' in prompt
     assert "\\u003c" not in prompt and prompt.endswith("<|im_start|>assistant")

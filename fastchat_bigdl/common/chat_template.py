@@ -9,6 +9,7 @@ from the rendered pieces and keep it only if it reproduces the template too.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from typing import Dict, List, Optional
@@ -56,6 +57,8 @@ def render(template: str, messages: List[Dict[str, str]], tokenizer, **variables
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    # As transformers does (Llama 3.1+ templates write today's date with it).
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     # As transformers does: Jinja's own tojson HTML-escapes '<', which tool schemas must not get.
     env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False, separators=None, sort_keys=False: \
         json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
@@ -141,7 +144,7 @@ def _default_system_message(conv: Conversation, template: str, tokenizer) -> str
     return ""
 
 
-def _stop_tokens(template: str, tokenizer) -> List[str]:
+def template_stop_tokens(template: str, tokenizer) -> List[str]:
     """Special tokens that close an assistant turn (e.g. ``<|im_end|>``), plus EOS."""
     text = render(template, _messages(None, USER_1, ASSISTANT_1, USER_2), tokenizer)
     after = text.split(ASSISTANT_1, 1)[1].lstrip()
@@ -150,6 +153,21 @@ def _stop_tokens(template: str, tokenizer) -> List[str]:
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
     return stops
+
+
+def prompts_need_template(conv: Conversation, tokenizer) -> bool:
+    """Whether chats must be rendered by the tokenizer's own template because ``conv`` (the
+    worker's FastChat template) renders them differently: a template FastChat's
+    conversation shapes cannot express (Llama 3.1's date header, Mistral's system message
+    in the last user turn, Gemma's system-less turns) that does render a plain chat."""
+    template = tokenizer_chat_template(tokenizer)
+    if template is None:
+        return False
+    try:
+        render(template, _messages(SYSTEM, USER_1, ASSISTANT_1, USER_2), tokenizer)
+    except Exception:  # a template that cannot render a plain chat: FastChat's conversation it is
+        return False
+    return not _reproduces(conv, template, tokenizer)
 
 
 def conversation_from_chat_template(tokenizer) -> Optional[Conversation]:
@@ -170,7 +188,7 @@ def conversation_from_chat_template(tokenizer) -> Optional[Conversation]:
     if conv is None:
         return None
     conv.system_message = _default_system_message(conv, template, tokenizer)
-    stops = _stop_tokens(template, tokenizer)
+    stops = template_stop_tokens(template, tokenizer)
     conv.stop_str = stops[0] if stops else None
     conv.stop_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in stops]
     conv.messages = []

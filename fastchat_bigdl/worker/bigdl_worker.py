@@ -21,6 +21,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker
 from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for, register
+from fastchat_bigdl.common.chat_template import prompts_need_template
 from fastchat_bigdl.engine.scheduler import Engine
 from fastchat_bigdl.engine.selection import choose_forward
 from fastchat_bigdl.lowbit.backend import resolve_backend
@@ -119,10 +120,14 @@ class BigDLModelWorker(upstream.ModelWorker):
             stream = self.engine.streamer(functools.partial(token_loop, prefix_cache=self.prefix_cache,
                                                             runner=self.runner))
         self.generate_stream_func = report_failures(guard_out_of_memory(stream))
+        # The API server renders chats with the tokenizer's template where this one differs.
+        self.prompts_need_template = False
         if not conv_template:
             self.conv = conversation_for(model_path, self.tokenizer, logger)
+            self.prompts_need_template = prompts_need_template(self.conv, self.tokenizer)
             self.conv.sep_style = int(self.conv.sep_style)
-        logger.info("Prompt template: %s", self.conv.name)
+        logger.info("Prompt template: %s", "the tokenizer's chat template (rendered by the API server)"
+                    if self.prompts_need_template else self.conv.name)
 
     def _load(self, model_path: str, options: dict):
         """(model on its device, tokenizer), loaded on the engine thread through the adapter."""

@@ -48,7 +48,8 @@ class OutputStream:
         self.logprobs = params.get("logprobs", None)
         self.stop = StopMatcher(params.get("stop", None))
         self.prompt_tokens = prompt_tokens
-        self.decoder = IncrementalDecoder(tokenizer)
+        # False where a tool call opens with a special token (Mistral's [TOOL_CALLS]).
+        self.decoder = IncrementalDecoder(tokenizer, bool(params.get("skip_special_tokens", True)))
         self.text = ""
         self.emitted = 0  # characters already sent
         self.generated = 0

@@ -19,8 +19,9 @@ def check_worker_generate(data: dict) -> None:
     ids = data.get("stop_token_ids")
     if ids is not None and not (isinstance(ids, list) and all(is_int(i) for i in ids)):
         raise Invalid("'stop_token_ids' must be a list of integers")
-    if "echo" in data and not isinstance(data["echo"], bool):
-        raise Invalid("'echo' must be true or false")
+    for key in ("echo", "skip_special_tokens"):
+        if key in data and not isinstance(data[key], bool):
+            raise Invalid(f"'{key}' must be true or false")
     grammar = data.get("grammar")
     if grammar is not None:
         problem = grammar_problem(grammar) if isinstance(grammar, str) else "it must be a string"

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fastchat_bigdl.common.chat_template import tokenizer_chat_template
+from fastchat_bigdl.common.chat_template import template_stop_tokens, tokenizer_chat_template
+
+
+def special_token_ids(tokenizer) -> dict:
+    """Text -> id of the tokenizer's special tokens (a grammar names a call opener such as
+    Mistral's ``[TOOL_CALLS]`` by id)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids = {token.content: index for index, token in added.items() if getattr(token, "special", False)}
+    ids.update({t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens})
+    return ids
 
 
 def extra_worker_routes(worker) -> APIRouter:
@@ -12,11 +21,17 @@ def extra_worker_routes(worker) -> APIRouter:
     @router.post("/worker_get_chat_template")
     async def worker_get_chat_template():
         """The tokenizer's Jinja chat template, for prompts FastChat's conversation
-        templates cannot express (tools). Its presence also tells the API server that
-        this worker enforces the ``grammar`` generation parameter."""
+        templates cannot express (tools; every chat where ``render_with_template``). Its
+        presence also tells the API server that this worker enforces the ``grammar``
+        generation parameter."""
         tokenizer = worker.tokenizer
-        return {"chat_template": tokenizer_chat_template(tokenizer),
-                "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+        template = tokenizer_chat_template(tokenizer)
+        stops = template_stop_tokens(template, tokenizer) if template else []
+        return {"chat_template": template,
+                "render_with_template": getattr(worker, "prompts_need_template", False),
+                "stop": stops, "stop_token_ids": [tokenizer.convert_tokens_to_ids(t) for t in stops],
+                "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                "special_tokens": special_token_ids(tokenizer)}
 
     @router.post("/worker_engine_stats")
     async def worker_engine_stats():

@@ -1,8 +1,8 @@
 """Tools and tool messages in the prompt.
 
-Where the model's own chat template knows tools in the Hermes format (it reads a
-``tools`` variable and writes ``<tool_call>``, as Qwen2.5's does), the template renders
-everything. Otherwise the generic tool prompt below goes into the system message, calls
+Where the model's own chat template knows tools in a format of ``formats`` (it reads a
+``tools`` variable and writes calls as Qwen2.5's, Llama 3.1's or Mistral's do), the
+template renders everything, and the reply is read in that format. Otherwise the generic tool prompt below goes into the system message, calls
 the assistant made are written back in the same ``<tool_call>`` format, and tool results
 go in a user turn as ``<tool_response>`` blocks; FastChat's conversation template for
 the model renders the rest, exactly as for a plain chat.
@@ -10,11 +10,13 @@ the model renders the rest, exactly as for a plain chat.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 from fastchat.conversation import Conversation, SeparatorStyle
 
+from fastchat_bigdl.api.tool_calling.formats import HERMES, ToolFormat, format_of
 from fastchat_bigdl.api.tool_calling.grammar import CLOSE, OPEN
 from fastchat_bigdl.api.tool_calling.spec import ToolRequest
 
@@ -55,13 +57,16 @@ def _arguments(arguments: Any) -> Any:
 
 
 def _calls(message: Dict[str, Any]) -> List[Dict[str, Any]]:
-    calls = [c.get("function", {}) for c in message.get("tool_calls") or []]
+    """The calls an assistant message made: {"id", "name", "arguments"} (legacy
+    ``function_call``: id None)."""
+    calls = [(c.get("id"), c.get("function", {})) for c in message.get("tool_calls") or []]
     if message.get("function_call"):
-        calls.append(message["function_call"])
-    return [{"name": c.get("name"), "arguments": _arguments(c.get("arguments", {}))} for c in calls]
+        calls.append((None, message["function_call"]))
+    return [{"id": i, "name": c.get("name"), "arguments": _arguments(c.get("arguments", {}))} for i, c in calls]
 
 
 def _written_call(call: Dict[str, Any]) -> str:
+    call = {"name": call["name"], "arguments": call["arguments"]}
     return f"{OPEN}\n{json.dumps(call, ensure_ascii=False)}\n{CLOSE}"
 
 
@@ -117,39 +122,70 @@ def render_generic(conv: Conversation, messages: List[Dict[str, Any]], request: 
     return conv.get_prompt()
 
 
-def template_knows_tools(template: Optional[str]) -> bool:
-    return bool(template) and "tools" in template and OPEN in template
-
-
-def _hf_message(message: Dict[str, Any]) -> Dict[str, Any]:
-    """A message as Hugging Face chat templates expect it (arguments as objects)."""
-    out = {"role": message["role"], "content": _text(message.get("content"))}
-    if message["role"] == "function":
-        out["role"] = "tool"
-    for key in ("name", "tool_call_id"):
-        if key in message:
-            out[key] = message[key]
-    calls = _calls(message)
-    if calls:
-        out["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+def _hf_messages(messages: List[Dict[str, Any]], fmt: ToolFormat) -> List[Dict[str, Any]]:
+    """Messages as Hugging Face chat templates expect them: arguments as objects, every
+    call and result with an id the template accepts (legacy ``function_call``/
+    ``function`` pairs get one; a result is matched to the latest call without one)."""
+    out, last_id = [], None
+    for number, message in enumerate(messages):
+        hf = {"role": message["role"], "content": _text(message.get("content"))}
+        if message["role"] == "function":
+            hf["role"] = "tool"
+        for key in ("name", "tool_call_id"):
+            if key in message:
+                hf[key] = message[key]
+        calls = _calls(message)
+        for call in calls:
+            call["id"] = last_id = call["id"] or f"call{number}"
+        if calls:
+            hf["tool_calls"] = [{"id": fmt.call_id(c.pop("id")), "type": "function", "function": c} for c in calls]
+        if hf["role"] == "tool":
+            hf["tool_call_id"] = fmt.call_id(hf.get("tool_call_id") or last_id or f"call{number}")
+        out.append(hf)
     return out
 
 
-def render_with_template(template: str, bos_token: str, eos_token: str, messages: List[Dict[str, Any]],
+def _generic_messages(messages: List[Dict[str, Any]], request: ToolRequest) -> List[Dict[str, str]]:
+    """Plain messages for a template that does not know tools: the generic tool prompt in
+    the system message, calls and results written as in ``render_generic``."""
+    system, turns = generic_turns(messages)
+    if request.offered():
+        tool_prompt = generic_tool_prompt(request)
+        system = f"{system}\n\n{tool_prompt}" if system else tool_prompt
+    plain = [{"role": "system", "content": system}] if system is not None else []
+    return plain + [{"role": ("user", "assistant")[side], "content": text} for side, text in turns]
+
+
+def render_with_template(template_info: Dict[str, Any], messages: List[Dict[str, Any]],
                          request: ToolRequest) -> str:
+    """``messages`` (already as the template expects them) through the model's template."""
     from fastchat_bigdl.common.chat_template import render
 
-    tokens = SimpleNamespace(bos_token=bos_token, eos_token=eos_token)
+    tokens = SimpleNamespace(bos_token=template_info.get("bos_token") or "",
+                             eos_token=template_info.get("eos_token") or "")
     tools = [t.openai() for t in request.tools] if request.offered() else None
-    return render(template, [_hf_message(m) for m in messages], tokens, tools=tools)
+    return render(template_info["chat_template"], messages, tokens, tools=tools)
+
+
+@dataclass
+class Prompt:
+    text: str
+    fmt: ToolFormat  # the format calls are written in
+    by_template: bool  # rendered by the model's own template (its stop tokens apply)
 
 
 def render_prompt(conv: Dict[str, Any], template_info: Optional[Dict[str, Any]], messages: List[Dict[str, Any]],
-                  request: ToolRequest) -> str:
-    """The prompt for a chat with tools: the model's own template when it knows tools,
-    the generic tool prompt through FastChat's conversation template otherwise."""
-    template = (template_info or {}).get("chat_template")
-    if template_knows_tools(template):
-        return render_with_template(template, template_info.get("bos_token") or "",
-                                    template_info.get("eos_token") or "", messages, request)
-    return render_generic(conversation_from_dict(conv), messages, request)
+                  request: ToolRequest) -> Prompt:
+    """The prompt for a chat, and the format calls are written in: the model's own
+    template and format when the template knows tools; else the generic tool prompt
+    (Hermes format) in the model's template where the worker says FastChat's
+    conversation template renders its chats differently, or through that conversation
+    template otherwise. A template that refuses the messages raises jinja2's
+    ``TemplateError``."""
+    info = template_info or {}
+    fmt = format_of(info.get("chat_template"))
+    if fmt is not None:
+        return Prompt(render_with_template(info, _hf_messages(messages, fmt), request), fmt, True)
+    if info.get("chat_template") and info.get("render_with_template"):
+        return Prompt(render_with_template(info, _generic_messages(messages, request), request), HERMES, True)
+    return Prompt(render_generic(conversation_from_dict(conv), messages, request), HERMES, False)

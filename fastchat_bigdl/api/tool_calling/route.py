@@ -1,13 +1,15 @@
-"""``/v1/chat/completions`` for requests that use tools or ask for JSON.
+"""``/v1/chat/completions`` for requests that use tools or ask for JSON, and for models
+whose chats only their own chat template renders right.
 
-FastChat's own handler drops ``tools`` and ``response_format`` and cannot render tool
-messages, so such requests (``spec.uses_tools_or_json``) are routed here by
-``RouteToolRequests``; every other
-request goes to FastChat's handler unchanged. This handler reuses FastChat's API key
+FastChat's own handler drops ``tools`` and ``response_format``, cannot render tool
+messages, and renders prompts only through FastChat's conversation templates, so such
+requests (``spec.uses_tools_or_json``, ``renders_with_template``) are routed here by
+``RouteToolRequests``; every other request goes to FastChat's handler unchanged. This handler reuses FastChat's API key
 check, model check, worker lookup, context-length check and worker client; it renders
 the prompt with tools (``prompt``), sends the tool-call grammar with the generation
 parameters (the worker enforces it) and answers with OpenAI ``tool_calls``, or with the
-JSON ``response_format`` asked for.
+JSON ``response_format`` asked for. Calls are constrained and read in the model's own
+format (``formats``) when its chat template has one.
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import shortuuid
 from fastapi import APIRouter, Depends, Request
 from fastchat.constants import ErrorCode
 from fastapi.responses import StreamingResponse
+from jinja2.exceptions import TemplateError
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
 from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.common.errors import error_response
+from fastchat_bigdl.api.tool_calling.formats import ToolFormat
 from fastchat_bigdl.api.tool_calling.grammar import output_grammar
 from fastchat_bigdl.api.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
 from fastchat_bigdl.api.tool_calling.prompt import render_prompt
@@ -58,9 +62,9 @@ def _param(data: dict, name: str):
     return DEFAULTS.get(name) if value is None else value
 
 
-def _reply_of(text: str, finish_reason: Optional[str], names: List[str]) -> ParsedReply:
+def _reply_of(text: str, finish_reason: Optional[str], names: List[str], fmt: ToolFormat) -> ParsedReply:
     # A call cut off by max_tokens stays text: a partial call would not parse.
-    return ParsedReply(text) if finish_reason == "length" else parse_reply(text, names)
+    return ParsedReply(text) if finish_reason == "length" else parse_reply(text, names, fmt)
 
 
 def _message(reply: ParsedReply, request: ToolRequest) -> (Dict[str, Any], Optional[str]):
@@ -90,11 +94,11 @@ def _call_deltas(message: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, request: ToolRequest,
-                  names: List[str]) -> AsyncIterator[str]:
+                  names: List[str], fmt: ToolFormat) -> AsyncIterator[str]:
     completion_id = f"chatcmpl-{shortuuid.random()}"
     for index in range(n):
         yield _chunk(completion_id, model, index, {"role": "assistant"})
-        splitter, text, finish_reason = StreamSplitter(), "", None
+        splitter, text, finish_reason = StreamSplitter(fmt), "", None
         async for content in upstream.generate_completion_stream(gen_params, worker_addr):
             if content.get("error_code", 0) != 0:
                 error = {"object": "error", "message": content["text"], "code": content["error_code"]}
@@ -106,7 +110,7 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
             delta = splitter.content_delta(text)
             if delta:
                 yield _chunk(completion_id, model, index, {"content": delta})
-        reply = _reply_of(text, finish_reason, names)
+        reply = _reply_of(text, finish_reason, names, fmt)
         message, call_finish = _message(reply, request)
         if not reply.calls and len(text) > splitter.sent:  # held back but not a call after all
             yield _chunk(completion_id, model, index, {"content": text[splitter.sent:]})
@@ -114,6 +118,36 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
             yield _chunk(completion_id, model, index, delta)
         yield _chunk(completion_id, model, index, {}, call_finish or finish_reason or "stop")
     yield "data: [DONE]\n\n"
+
+
+def _generation_params(data: dict, prompt: str, stops: dict, template: Optional[dict], request: ToolRequest,
+                       fmt: ToolFormat) -> dict:
+    """The worker's generation parameters, with the grammar for the reply (a worker that
+    is not fastchat_bigdl's, ``template`` None, gets none). ``stops``: the ``stop`` and
+    ``stop_token_ids`` of whatever rendered the prompt."""
+    offered = request.offered()
+    structured = request.constrained or request.reply is not None
+    gen_params = {
+        "model": data["model"], "prompt": prompt, "echo": False, "logprobs": None,
+        "temperature": _param(data, "temperature"), "top_p": _param(data, "top_p"), "top_k": _param(data, "top_k"),
+        "presence_penalty": _param(data, "presence_penalty"),
+        "frequency_penalty": _param(data, "frequency_penalty"),
+        "stop_token_ids": stops.get("stop_token_ids") or [],
+    }
+    stop = stops.get("stop")
+    stops = set([stop] if isinstance(stop, str) else stop or [])
+    if not structured:  # a user stop string must not cut output whose shape the grammar guarantees
+        user_stop = data.get("stop")
+        stops.update([user_stop] if isinstance(user_stop, str) else user_stop or [])
+    gen_params["stop"] = sorted(stops)
+    if fmt.opener_is_special_token and offered:
+        gen_params["skip_special_tokens"] = False  # the call opens with a special token
+    opener_id = (template or {}).get("special_tokens", {}).get(fmt.opener)
+    grammar = output_grammar(offered, forced=request.constrained, reply=request.reply, fmt=fmt,
+                             opener_token_id=opener_id)
+    if grammar and template is not None:
+        gen_params["grammar"] = grammar
+    return gen_params
 
 
 @router.post(TOOLS_PATH, dependencies=[Depends(upstream.check_api_key)])
@@ -134,22 +168,13 @@ async def chat_completions_with_tools(raw: Request):
         return error_response(ErrorCode.VALIDATION_TYPE_ERROR,
                               f"{what} needs a fastchat_bigdl worker (--bigdl_load), which enforces the "
                               "output format; this worker cannot")
-    prompt = render_prompt(conv, template, data["messages"], request)
-    gen_params = {
-        "model": model, "prompt": prompt, "echo": False, "logprobs": None,
-        "temperature": _param(data, "temperature"), "top_p": _param(data, "top_p"), "top_k": _param(data, "top_k"),
-        "presence_penalty": _param(data, "presence_penalty"),
-        "frequency_penalty": _param(data, "frequency_penalty"),
-        "stop_token_ids": conv["stop_token_ids"],
-    }
-    stops = set([conv["stop_str"]] if isinstance(conv["stop_str"], str) else conv["stop_str"] or [])
-    if not structured:  # a user stop string must not cut output whose shape the grammar guarantees
-        user_stop = data.get("stop")
-        stops.update([user_stop] if isinstance(user_stop, str) else user_stop or [])
-    gen_params["stop"] = sorted(stops)
-    grammar = output_grammar(offered, forced=request.constrained, reply=request.reply)
-    if grammar and template is not None:
-        gen_params["grammar"] = grammar
+    try:
+        rendered = render_prompt(conv, template, data["messages"], request)
+    except TemplateError as exc:
+        return error_response(ErrorCode.VALIDATION_TYPE_ERROR, f"the model's chat template refused these messages: {exc}")
+    prompt, fmt = rendered.text, rendered.fmt
+    stops = template if rendered.by_template else {"stop": conv["stop_str"], "stop_token_ids": conv["stop_token_ids"]}
+    gen_params = _generation_params(data, prompt, stops, template, request, fmt)
     max_new_tokens, error = await upstream.check_length(SimpleNamespace(model=model), prompt,
                                                         data.get("max_tokens"), worker_addr)
     if error is not None:
@@ -158,7 +183,7 @@ async def chat_completions_with_tools(raw: Request):
     names = [t.name for t in offered]
     n = _param(data, "n")
     if data.get("stream"):
-        return StreamingResponse(_stream(model, gen_params, n, worker_addr, request, names),
+        return StreamingResponse(_stream(model, gen_params, n, worker_addr, request, names, fmt),
                                  media_type="text/event-stream")
     results = await asyncio.gather(*(upstream.generate_completion(gen_params, worker_addr) for _ in range(n)))
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -166,7 +191,7 @@ async def chat_completions_with_tools(raw: Request):
         if content["error_code"] != 0:
             return error_response(content["error_code"], content["text"])
         finish_reason = content.get("finish_reason") or "stop"
-        reply = _reply_of(content["text"], finish_reason, names)
+        reply = _reply_of(content["text"], finish_reason, names, fmt)
         message, call_finish = _message(reply, request)
         choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason})
         for key in usage:
@@ -175,10 +200,31 @@ async def chat_completions_with_tools(raw: Request):
             "model": model, "choices": choices, "usage": usage}
 
 
+_needs_template: Dict[str, bool] = {}
+
+
+async def renders_with_template(model: Any) -> bool:
+    """Whether ``model``'s worker asks for its chats to be rendered by its own chat
+    template (FastChat's conversation templates render them differently). Known once a
+    worker has answered; False while none serves the model (FastChat's handler then
+    gives its usual error)."""
+    if not isinstance(model, str):
+        return False
+    if model not in _needs_template:
+        try:
+            worker_addr = await upstream.get_worker_address(model)
+            info = await chat_template_info(worker_addr, model) if worker_addr else None
+        except Exception:  # no worker yet, or one that went away
+            return False
+        _needs_template[model] = bool(info and info.get("render_with_template"))
+    return _needs_template[model]
+
+
 class RouteToolRequests:
     """ASGI middleware behind ``ValidateRequests``: chat completions that use tools or ask
-    for JSON go to this module's route, everything else to FastChat's handler. It decides
-    on the body ValidateRequests parsed and checked."""
+    for JSON, and every chat of a model whose prompts its own template must render, go to
+    this module's route; everything else to FastChat's handler. It decides on the body
+    ValidateRequests parsed and checked."""
 
     def __init__(self, app):
         self.app = app
@@ -186,6 +232,6 @@ class RouteToolRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == CHAT_PATH:
             data = scope.get("state", {}).get(PARSED_BODY)
-            if data is not None and uses_tools_or_json(data):
+            if data is not None and (uses_tools_or_json(data) or await renders_with_template(data.get("model"))):
                 scope = dict(scope, path=TOOLS_PATH, raw_path=TOOLS_PATH.encode())
         await self.app(scope, receive, send)
