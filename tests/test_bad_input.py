@@ -87,6 +87,8 @@ CASES = [
     ("temperature a string", "chat", body(temperature="hot")),
     ("top_p out of range", "chat", body(top_p=5)),
     ("stream not a bool", "chat", body(stream="yes")),
+    ("seed a float", "chat", body(seed=1.5)),
+    ("stream_options a list", "chat", body(stream=True, stream_options=["usage"])),
     ("huge logit_bias", "chat", body(logit_bias={str(i): 1 for i in range(10000)})),
     ("logit_bias not numbers", "chat", body(logit_bias={"1": "a lot"})),
     ("1 MB prompt", "chat", body(messages=[{"role": "user", "content": "hello world " * 90000}])),
@@ -101,6 +103,9 @@ CASES = [
     ("worker: stop_token_ids strings", "worker_generate_stream", {"prompt": "hi", "stop_token_ids": ["a"]}),
     ("worker: count_token prompt a number", "count_token", {"prompt": 5}),
     ("worker: grammar that does not compile", "worker_generate", {"prompt": "hi", "grammar": "start: (("}),
+    ("worker: seed a string", "worker_generate_stream", {"prompt": "hi", "seed": "seven"}),
+    ("worker: seed beyond 64 bits", "worker_generate", {"prompt": "hi", "seed": 1 << 70}),
+    ("worker: skip_special_tokens a string", "worker_generate", {"prompt": "hi", "skip_special_tokens": "no"}),
     ("worker: grammar not a string", "worker_generate_stream", {"prompt": "hi", "grammar": {"type": "object"}}),
 ]
 

@@ -25,7 +25,12 @@ def _check_common(data: dict) -> None:
     check_number(data, "top_k", integer=True)
     check_number(data, "presence_penalty", low=-2, high=2)
     check_number(data, "frequency_penalty", low=-2, high=2)
+    check_number(data, "seed", integer=True, low=-(1 << 63), high=(1 << 64) - 1)
     check_stop(data)
+    options = data.get("stream_options")
+    if options is not None and not (isinstance(options, dict)
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise Invalid("'stream_options' must be an object like {'include_usage': true}")
     if "stream" in data and data["stream"] is not None and not isinstance(data["stream"], bool):
         raise Invalid("'stream' must be true or false")
     bias = data.get("logit_bias")

@@ -1,6 +1,9 @@
 """The next token of one request: FastChat's logits processors (temperature, top-p,
-top-k, repetition penalty) and, for tool calls and JSON replies, a grammar that limits
-every token and fits the output into its token budget (``grammar_constraint``)."""
+top-k, repetition penalty), a random generator of its own when the request has a
+``seed`` (the same seed draws the same tokens whatever other requests are running, as
+the logits are the same alone or batched), and, for tool calls and JSON replies, a
+grammar that limits every token and fits the output into its token budget
+(``grammar_constraint``)."""
 from __future__ import annotations
 
 import logging
@@ -30,6 +33,8 @@ class Sampler:
         # = prompt + new tokens), no per-token list -> tensor copy.
         self.history = torch.empty(1, positions, dtype=torch.long, device=device) if penalty > 1.0 else None
         self.seen = 0
+        seed = params.get("seed")
+        self.generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     def feed(self, tokens: Sequence[int]) -> None:
         """Tokens the model has now seen (the prompt, then each chosen token)."""
@@ -51,7 +56,11 @@ class Sampler:
         if self.temperature < 1e-5 or self.top_p < 1e-8:  # greedy, as FastChat
             token = int(torch.argmax(scores))
         else:
-            token = int(torch.multinomial(torch.softmax(scores.float(), dim=-1), num_samples=1))
+            probs = torch.softmax(scores.float(), dim=-1)
+            if self.generator is not None:  # the request's own draws (on the CPU, where its generator is)
+                token = int(torch.multinomial(probs.cpu(), num_samples=1, generator=self.generator))
+            else:
+                token = int(torch.multinomial(probs, num_samples=1))
         if self.constraint is None:
             return token
         token = self.constraint.within_budget(token, remaining)  # the call must still fit the tokens left

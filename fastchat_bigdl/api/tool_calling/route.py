@@ -4,7 +4,9 @@ whose chats only their own chat template renders right.
 FastChat's own handler drops ``tools`` and ``response_format``, cannot render tool
 messages, and renders prompts only through FastChat's conversation templates, so such
 requests (``spec.uses_tools_or_json``, ``renders_with_template``) are routed here by
-``RouteToolRequests``; every other request goes to FastChat's handler unchanged. This handler reuses FastChat's API key
+``RouteToolRequests``, as are those with what it drops: ``seed`` (sent to the worker, which
+samples with the request's own generator) and ``stream_options.include_usage``. Every
+other request goes to FastChat's handler unchanged. This handler reuses FastChat's API key
 check, model check, worker lookup, context-length check and worker client; it renders
 the prompt with tools (``prompt``), sends the tool-call grammar with the generation
 parameters (the worker enforces it) and answers with OpenAI ``tool_calls``, or with the
@@ -93,13 +95,34 @@ def _call_deltas(message: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(message.get("tool_calls", []))]
 
 
+def _choice_params(gen_params: dict, index: int) -> dict:
+    """The parameters of choice ``index`` of ``n``: a seeded request's choices each get a
+    seed of their own (seed + index), so they differ and each is reproducible."""
+    if "seed" not in gen_params:
+        return gen_params
+    return dict(gen_params, seed=(gen_params["seed"] + index) % (1 << 64))
+
+
+def _add_usage(total: Dict[str, int], content: dict) -> None:
+    for key in total:
+        total[key] += (content.get("usage") or {}).get(key, 0)
+
+
+def _usage_chunk(completion_id: str, model: str, usage: Dict[str, int]) -> str:
+    """``stream_options.include_usage``: the last chunk, with the usage and no choices."""
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [], "usage": usage}
+    return f"data: {json.dumps(body)}\n\n"
+
+
 async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, request: ToolRequest,
-                  names: List[str], fmt: ToolFormat) -> AsyncIterator[str]:
+                  names: List[str], fmt: ToolFormat, include_usage: bool = False) -> AsyncIterator[str]:
     completion_id = f"chatcmpl-{shortuuid.random()}"
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for index in range(n):
         yield _chunk(completion_id, model, index, {"role": "assistant"})
-        splitter, text, finish_reason = StreamSplitter(fmt), "", None
-        async for content in upstream.generate_completion_stream(gen_params, worker_addr):
+        splitter, text, finish_reason, content = StreamSplitter(fmt), "", None, {}
+        async for content in upstream.generate_completion_stream(_choice_params(gen_params, index), worker_addr):
             if content.get("error_code", 0) != 0:
                 error = {"object": "error", "message": content["text"], "code": content["error_code"]}
                 yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
@@ -117,6 +140,9 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
         for delta in _call_deltas(message):
             yield _chunk(completion_id, model, index, delta)
         yield _chunk(completion_id, model, index, {}, call_finish or finish_reason or "stop")
+        _add_usage(usage, content)
+    if include_usage:
+        yield _usage_chunk(completion_id, model, usage)
     yield "data: [DONE]\n\n"
 
 
@@ -134,6 +160,8 @@ def _generation_params(data: dict, prompt: str, stops: dict, template: Optional[
         "frequency_penalty": _param(data, "frequency_penalty"),
         "stop_token_ids": stops.get("stop_token_ids") or [],
     }
+    if data.get("seed") is not None:
+        gen_params["seed"] = int(data["seed"])
     stop = stops.get("stop")
     stops = set([stop] if isinstance(stop, str) else stop or [])
     if not structured:  # a user stop string must not cut output whose shape the grammar guarantees
@@ -183,9 +211,10 @@ async def chat_completions_with_tools(raw: Request):
     names = [t.name for t in offered]
     n = _param(data, "n")
     if data.get("stream"):
-        return StreamingResponse(_stream(model, gen_params, n, worker_addr, request, names, fmt),
-                                 media_type="text/event-stream")
-    results = await asyncio.gather(*(upstream.generate_completion(gen_params, worker_addr) for _ in range(n)))
+        return StreamingResponse(_stream(model, gen_params, n, worker_addr, request, names, fmt,
+                                         include_usage=wants_usage_chunk(data)), media_type="text/event-stream")
+    results = await asyncio.gather(*(upstream.generate_completion(_choice_params(gen_params, i), worker_addr)
+                                     for i in range(n)))
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for index, content in enumerate(results):
         if content["error_code"] != 0:
@@ -194,13 +223,22 @@ async def chat_completions_with_tools(raw: Request):
         reply = _reply_of(content["text"], finish_reason, names, fmt)
         message, call_finish = _message(reply, request)
         choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason})
-        for key in usage:
-            usage[key] += content.get("usage", {}).get(key, 0)
+        _add_usage(usage, content)
     return {"id": f"chatcmpl-{shortuuid.random()}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage}
 
 
 _needs_template: Dict[str, bool] = {}
+
+
+def wants_usage_chunk(data: dict) -> bool:
+    return data.get("stream") is True and bool((data.get("stream_options") or {}).get("include_usage"))
+
+
+def needs_this_handler(data: dict) -> bool:
+    """Tools or JSON (``spec.uses_tools_or_json``), or what FastChat's handler drops: a
+    ``seed``, ``stream_options.include_usage``."""
+    return uses_tools_or_json(data) or data.get("seed") is not None or wants_usage_chunk(data)
 
 
 async def renders_with_template(model: Any) -> bool:
@@ -232,6 +270,6 @@ class RouteToolRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == CHAT_PATH:
             data = scope.get("state", {}).get(PARSED_BODY)
-            if data is not None and (uses_tools_or_json(data) or await renders_with_template(data.get("model"))):
+            if data is not None and (needs_this_handler(data) or await renders_with_template(data.get("model"))):
                 scope = dict(scope, path=TOOLS_PATH, raw_path=TOOLS_PATH.encode())
         await self.app(scope, receive, send)
