@@ -14,15 +14,21 @@ from fastchat_bigdl.stack.serve import free_port
 from helpers import CHATML_TEMPLATE, build_tiny_llama, chat, running_stack, write_tiny_gguf
 
 TEXTS = ["hello world how are you today 12345", "<|im_start|>user\nwhat is the capital<|im_end|>\n"]
-# The split patterns as the models' own tokenizer.json files have them (Meta-Llama-3's and
-# Qwen2's), typed here independently of the package's copies from llama.cpp's pre-types.
+# The split patterns as the models' own tokenizer.json files have them (Meta-Llama-3's,
+# Qwen2's and Phi-4-mini's o200k), typed here independently of the package's copies from
+# llama.cpp's pre-types.
 HF_SPLITS = {
     "llama-bpe": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
     "qwen2": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    "gpt-4o": "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+              "(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+"
+              "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*"
+              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
 }
-HARD_TEXTS = TEXTS + ["I'm sure it's 1234567 and 89, isn't it?\n\n  tabs\tand  spaces  ", "Ünïcödé café 😀 — ok\r\n"]
+HARD_TEXTS = TEXTS + ["I'm sure it's 1234567 and 89, isn't it?\n\n  tabs\tand  spaces  ", "Ünïcödé café 😀 — ok\r\n",
+                      "HelloWorld DON'T McDonald's 2026 URLs: a/b\n/c -- (x)/y"]
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +130,27 @@ def test_serve_takes_the_demo_gguf_directly(tmp_path):
         proc.wait(60)
 
 
-@pytest.mark.parametrize("pre, architecture", [("llama-bpe", "llama"), ("qwen2", "qwen2")])
+@pytest.mark.parametrize("pre", sorted(HF_SPLITS))
+def test_each_pre_tokenizer_splits_text_as_the_model_tokenizer_json_does(pre):
+    """The split alone, on texts where the patterns differ (case changes, upper-case
+    contractions, digit runs, punctuation before '/'), so a vocabulary too small to show
+    it cannot hide a wrong pattern."""
+    from tokenizers import Regex, pre_tokenizers
+
+    ours = gguf_checkpoint._pre_tokenizer(pre)
+    theirs = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(HF_SPLITS[pre]), behavior="isolated", invert=False),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for text in HARD_TEXTS:
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), text
+    others = [p for p in HF_SPLITS if p != pre]
+    assert all(gguf_checkpoint._pre_tokenizer(p).pre_tokenize_str(HARD_TEXTS[-1]) != theirs.pre_tokenize_str(
+        HARD_TEXTS[-1]) for p in others)
+
+
+@pytest.mark.parametrize("pre, architecture", [("llama-bpe", "llama"), ("qwen2", "qwen2"), ("gpt-4o", "llama")])
 def test_llama3_and_qwen2_ggufs_convert_with_their_own_pre_tokenizers(tmp_path, pre, architecture):
-    """A Llama-3-style (``llama-bpe``) and a Qwen2 GGUF (Qwen2's tensors: q/k/v biases, Q/K
+    """A Llama-3-style (``llama-bpe``), a Phi-4-mini-style vocabulary (``gpt-4o``) and a
+    Qwen2 GGUF (Qwen2's tensors: q/k/v biases, Q/K
     rows not permuted, as llama.cpp's NEOX-style RoPE stores them): the converted
     checkpoint's tokenizer encodes like the original, its weights round-trip exactly (F32)
     and it decodes on the lean runner."""

@@ -160,6 +160,12 @@ ARCHITECTURES = {
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# GPT-4o's o200k split (Phi-4-mini, llama.cpp's "gpt-4o"): case-aware words that keep their
+# contraction, digits in threes, punctuation runs that take a following '/'.
+_O200K_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _O200K_CONTRACTION
+               + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _O200K_CONTRACTION
+               + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 class UnsupportedGGUF(ValueError):
@@ -295,13 +301,13 @@ def _pre_tokenizer(name: Optional[str]):
         return byte_level
     if name == "smollm":  # single digits, then the GPT-2 split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    splits = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+    splits = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "gpt-4o": GPT4O_SPLIT}
     if name in splits:  # the pattern splits, then bytes map to characters without GPT-2's own split
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(splits[name]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise UnsupportedGGUF(f"the GGUF's pre-tokenizer {name!r} is not supported yet (supported: gpt-2, smollm, "
-                          "llama-bpe, qwen2); serve the model's Hugging Face checkpoint instead")
+                          "llama-bpe, qwen2, gpt-4o); serve the model's Hugging Face checkpoint instead")
 
 
 NORMAL_TOKEN, USER_DEFINED_TOKEN = 1, 4  # llama.cpp token types (3: control)
