@@ -1,6 +1,8 @@
 """Through the real stack: chat requests without max_tokens get the API server's default
-cap (so an agent turn cannot run to the end of the context), schemas too large to enforce
+cap (so an agent turn cannot run to the end of the context) or their
+max_completion_tokens, schemas too large to enforce
 are refused before compiling, and compiling large schemas does not stall other streams."""
+import json
 import threading
 import time
 
@@ -33,6 +35,20 @@ def test_a_chat_without_max_tokens_stops_at_the_default_cap(stack):
     assert capped["usage"]["completion_tokens"] == CAP and capped["choices"][0]["finish_reason"] == "length"
     asked = post(stack, max_tokens=3 * CAP).json()  # an explicit max_tokens still wins
     assert asked["usage"]["completion_tokens"] > CAP
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_is_max_tokens_by_its_newer_name(stack, stream):
+    r = post(stack, max_completion_tokens=CAP + 3, stream=stream, stream_options={"include_usage": True} if stream
+             else None, user="someone", metadata={"run": "7"})  # user and metadata: accepted, ignored
+    assert r.status_code == 200, r.text
+    if stream:
+        usage = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")][-1]["usage"]
+    else:
+        usage = r.json()["usage"]
+    assert usage["completion_tokens"] == CAP + 3
+    r = post(stack, max_completion_tokens=4, max_tokens=5)
+    assert r.status_code == 400 and "max_completion_tokens" in r.json()["message"]
 
 
 def test_json_replies_get_the_cap_too(stack):

@@ -61,6 +61,10 @@ def _check_content(i: int, message: dict) -> None:
 
 def check_chat(data: dict) -> None:
     _check_common(data)
+    check_number(data, "max_completion_tokens", integer=True, low=1, high=1 << 20)
+    newer, older = data.get("max_completion_tokens"), data.get("max_tokens")
+    if newer is not None and older is not None and newer != older:
+        raise Invalid("'max_completion_tokens' (the newer name of 'max_tokens') and 'max_tokens' disagree; send one")
     messages = data.get("messages")
     if isinstance(messages, str) and messages:
         return  # FastChat's extension: a raw prompt
@@ -104,10 +108,13 @@ OPENAI_CHECKS = {
 
 
 def chat_defaults(default_max_tokens: int):
-    """What a chat request without ``max_tokens`` gets (``default_max_tokens`` 0: nothing,
-    so FastChat fills the rest of the context)."""
+    """What a chat request without ``max_tokens`` gets: its ``max_completion_tokens`` (the
+    name newer OpenAI clients send), else ``default_max_tokens`` (0: nothing, so FastChat
+    fills the rest of the context)."""
 
     def fill(data: dict) -> dict:
+        if data.get("max_tokens") is None and data.get("max_completion_tokens") is not None:
+            return {**data, "max_tokens": data["max_completion_tokens"]}  # OpenAI's newer name
         if default_max_tokens > 0 and data.get("max_tokens") is None:
             return {**data, "max_tokens": default_max_tokens}
         return data
