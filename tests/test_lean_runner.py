@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from fastchat_bigdl.engine import selection
+from fastchat_bigdl.engine import prefill_recipe, selection
 from fastchat_bigdl.engine.kv_cache import SequenceKV
 from fastchat_bigdl.engine.llama_runner import LlamaRunner, Rope
 from fastchat_bigdl.lowbit.backend import resolve_backend
@@ -77,14 +77,24 @@ def load(path, **kwargs):
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
+# Every shape with prefill blocks on the library's kernel, and some with the dequantize +
+# GEMM recipes (``engine.prefill_recipe``), forced so every CPU tests each whatever it
+# would measure fastest.
+RUNS = [(name, "kernel") for name in SHAPES] + [
+    ("llama", "bf16"), ("qwen3_qk_norm", "bf16"), ("qwen2_qkv_bias", "fp32"), ("gemma2_softcap_windows", "fp32"),
+    ("phi3_fused_partial_longrope", "fp32")]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=[n if r == "kernel" else f"{n}+{r}" for n, r in RUNS])
 def tiny(request, tmp_path_factory):
-    kwargs = SHAPES[request.param]
+    name, recipe = request.param
+    kwargs = SHAPES[name]
     skip_unless_this_transformers_has(kwargs)
-    path = build_tiny_llama(tmp_path_factory.mktemp("lean") / request.param, **kwargs)
+    path = build_tiny_llama(tmp_path_factory.mktemp("lean") / name, **kwargs)
     model, tokenizer = load(path)
-    runner, line = selection.choose_forward(model, BACKEND, "cpu")
+    runner, line = selection.choose_forward(model, BACKEND, "cpu", prefill_recipe=recipe)
     assert runner is not None, line
+    assert f"prefill blocks: {prefill_recipe.NAMES[recipe]} (asked for)" in line, line
     return model, tokenizer, runner
 
 
@@ -120,22 +130,34 @@ def test_runner_matches_the_hugging_face_forward_over_64_greedy_steps(tiny):
         for step in range(64):
             out = model(input_ids=torch.tensor([feed]), past_key_values=past, use_cache=True)
             past, reference = out.past_key_values, out.logits[0, -1]
-            tolerance = 0.02 * reference.abs().max()
-            assert (ours - reference).abs().max() < tolerance, step
+            allowed = tolerance(runner) * reference.abs().max()
+            assert (ours - reference).abs().max() < allowed, step
             top2 = reference.topk(2).values
-            if top2[0] - top2[1] > 2 * tolerance:
+            if top2[0] - top2[1] > 2 * allowed:
                 assert int(ours.argmax()) == int(reference.argmax()), step
                 decided += 1
             token = int(reference.argmax())
             feed = [token]
             ours = runner.decode([(token, kv)])[-1]
         # the prompt path against the reference's own prompt path, at lengths across blocks
-        sequence = prompt_ids(tokenizer) * 4
-        for length in (len(ids), 40, 64, 65, len(sequence)):
-            reference = model(input_ids=torch.tensor([sequence[:length]])).logits[0, -1]
-            prefilled = runner.prefill(sequence[:length], runner.new_sequence())[-1]
-            assert (prefilled - reference).abs().max() < 0.02 * reference.abs().max(), length
-    assert decided >= 32  # most steps are not near-ties
+        check_prompt_path(model, tokenizer, runner, len(ids))
+    assert decided >= (32 if tolerance(runner) == 0.02 else 16)  # most steps are clear (fewer at 5%)
+
+
+def check_prompt_path(model, tokenizer, runner, first):
+    sequence = prompt_ids(tokenizer) * 4
+    for length in (first, 40, 64, 65, len(sequence)):
+        reference = model(input_ids=torch.tensor([sequence[:length]])).logits[0, -1]
+        prefilled = runner.prefill(sequence[:length], runner.new_sequence())[-1]
+        assert (prefilled - reference).abs().max() < tolerance(runner) * reference.abs().max(), length
+
+
+def tolerance(runner) -> float:
+    """2% with the library's kernel in prefill blocks (see above). A dequantize + GEMM
+    recipe does not round activations to 8 bits as the kernel (and so the reference) does:
+    that alone moves logits by up to 3.7% of the largest on these tiny random models, so
+    5% there; ``test_prefill_recipe`` checks the recipes' products themselves exactly."""
+    return 0.02 if "low-bit kernel" in runner.prefill_line else 0.05
 
 
 def test_prompt_positions_do_not_depend_on_how_the_prompt_is_split_or_reused(tiny):

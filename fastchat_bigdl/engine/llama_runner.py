@@ -117,8 +117,10 @@ class LlamaRunner:
 
     def __init__(self, shape: RunnerShape, embed: torch.Tensor, layers: List[Layer],
                  final_norm: torch.Tensor, lm_head: LowBitMatmul, ropes: Sequence[Rope],
-                 decode_rows: int = DECODE_ROWS, kv_dtype: torch.dtype = torch.float32):
+                 decode_rows: int = DECODE_ROWS, kv_dtype: torch.dtype = torch.float32,
+                 prefill_line: str = "prefill blocks: the library's low-bit kernel"):
         self.shape = shape
+        self.prefill_line = prefill_line  # how prefill blocks multiply (``prefill_recipe``)
         self.embed = embed
         self.layers = layers
         self.windows = tuple(layer.window for layer in layers)  # read by every attention call

@@ -14,11 +14,12 @@ import torch
 
 from fastchat_bigdl.engine.families import Family, NotCovered, family_of, layer_windows, rope_of, rotary_rope
 from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, Layer, LlamaRunner, Rope, RunnerShape
+from fastchat_bigdl.engine.prefill_recipe import PREFILL_RECIPES, apply_prefill_recipe
 from fastchat_bigdl.lowbit.backend import LowBitBackend
 from fastchat_bigdl.lowbit.kernels import LowBitMatmul, cpu_matmul
 
 FORWARDS = ("auto", "lean", "hf")
-__all__ = ["NotCovered", "FORWARDS", "build_lean_runner", "choose_forward"]
+__all__ = ["NotCovered", "FORWARDS", "PREFILL_RECIPES", "build_lean_runner", "choose_forward"]
 
 
 def _matmul(module, backend, where: str):
@@ -123,8 +124,9 @@ def _ropes(model, family: Family) -> List[Rope]:
     return ropes
 
 
-def build_lean_runner(model, backend: LowBitBackend, device: str) -> LlamaRunner:
-    """The runner for ``model`` or NotCovered."""
+def build_lean_runner(model, backend: LowBitBackend, device: str, prefill_recipe: str = "auto") -> LlamaRunner:
+    """The runner for ``model`` or NotCovered; its prefill blocks multiply as
+    ``prefill_recipe`` says (``auto``: the fastest measured, see ``prefill_recipe``)."""
     if not str(device).startswith("cpu"):
         raise NotCovered(f"device {device} (the library's fused forward serves it)")
     config = model.config
@@ -136,24 +138,29 @@ def build_lean_runner(model, backend: LowBitBackend, device: str) -> LlamaRunner
               for index, block in enumerate(model.model.layers)]
     ropes = _ropes(model, family)
     shape = _shape(model, len(layers), ropes[0], family)
+    lm_head = _matmul(model.lm_head, backend, "lm_head")
+    _, recipe_line = apply_prefill_recipe(layers, lm_head, backend, prefill_recipe)
     probe = layers[0].o
     if not prefill_rows_are_independent(probe):
         raise NotCovered("a low-bit kernel whose result for a row depends on the other rows")
     return LlamaRunner(shape, model.model.embed_tokens.weight.data, layers, _norm(model.model.norm, family),
-                       _matmul(model.lm_head, backend, "lm_head"), ropes, decode_rows=invariant_decode_rows(probe))
+                       lm_head, ropes, decode_rows=invariant_decode_rows(probe), prefill_line=recipe_line)
 
 
-def choose_forward(model, backend: LowBitBackend, device: str, wanted: str = "auto") -> Tuple[Optional[LlamaRunner], str]:
-    """(runner or None for the Hugging Face forward, a line saying which serves and why)."""
+def choose_forward(model, backend: LowBitBackend, device: str, wanted: str = "auto",
+                   prefill_recipe: str = "auto") -> Tuple[Optional[LlamaRunner], str]:
+    """(runner or None for the Hugging Face forward, a line saying which serves and why,
+    and for the runner how its prefill blocks multiply)."""
     if wanted not in FORWARDS:
         raise ValueError(f"unknown forward {wanted!r}; choose one of {', '.join(FORWARDS)}")
     if wanted == "hf":
         return None, "decode path: Hugging Face forward (--forward hf)"
     try:
-        runner = build_lean_runner(model, backend, device)
+        runner = build_lean_runner(model, backend, device, prefill_recipe)
     except NotCovered as exc:
         if wanted == "lean":
             raise
         return None, f"decode path: Hugging Face forward (the lean runner does not cover {exc})"
     return runner, (f"decode path: lean {family_of(model.config).name} runner ({runner.shape.layers} layers, "
-                    f"{runner.shape.heads}/{runner.shape.kv_heads} heads, low-bit kernels called directly)")
+                    f"{runner.shape.heads}/{runner.shape.kv_heads} heads, low-bit kernels called directly); "
+                    f"{runner.prefill_line}")

@@ -24,8 +24,15 @@ from fastchat_bigdl.lowbit.backend import LowBitBackend
 GGML_CPU_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8")
 
 
+# Calls of at least this many rows are prefill blocks (decode calls have at most 16):
+# they take the matmul's ``block_recipe`` when one is set.
+BLOCK_ROWS = 32
+
+
 class LowBitMatmul:
-    """``y = x @ W.T (+ bias)`` for one converted linear layer; ``x`` is fp32 [rows, in]."""
+    """``y = x @ W.T (+ bias)`` for one converted linear layer; ``x`` is fp32 [rows, in].
+    Calls of ``BLOCK_ROWS`` rows or more go through ``block_recipe`` when set (a prefill
+    recipe measured faster on this CPU, e.g. ``DequantizedGemm``)."""
 
     def __init__(self, module: torch.nn.Module, kernel: Callable):
         self.module = module  # keeps the packed weight (and the pointer below) alive
@@ -38,8 +45,16 @@ class LowBitMatmul:
         self._weight_ptr = ctypes.c_void_p(module.weight.data.data_ptr())
         self._rows_ne: Dict[int, ctypes.Array] = {}
         self.bias = module.bias.data if module.bias is not None else None
+        self.block_recipe: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if self.block_recipe is not None and rows >= BLOCK_ROWS:
+            return self.block_recipe(x)
+        return self.kernel(x)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The library's kernel, whatever the rows."""
         rows = x.shape[0]
         if not x.is_contiguous():
             x = x.contiguous()
@@ -72,3 +87,44 @@ def cpu_matmul(module: torch.nn.Module, backend: LowBitBackend) -> Tuple[Optiona
     kernel = getattr(getattr(bindings, "_lib", None), "ggml_compute_forward_mul_mat_q_fp32", None) \
         or bindings.ggml_compute_forward_mul_mat_q_fp32
     return LowBitMatmul(module, kernel), ""
+
+
+SYM_INT4_BLOCK = 64  # weights per block of the library's CPU sym_int4 storage
+
+
+def dequantize_sym_int4(matmul: LowBitMatmul, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight [out, in] of a ``sym_int4`` matmul in ``dtype``, unpacked in torch: the
+    library stores ggml Q4_0 with 64-weight blocks, each an fp16 scale followed by 32 bytes
+    of nibbles (low nibbles weights 0-31, high 32-63), a weight being (nibble - 8) * scale.
+    Several times faster than the library's single-threaded dequantizer, and equal to it
+    (``selection`` checks that on the model's own weights before using it)."""
+    raw = matmul.module.weight.data
+    blocks = raw.view(-1, 2 + SYM_INT4_BLOCK // 2)
+    scale = blocks[:, :2].contiguous().view(torch.float16).to(dtype)
+    nibbles = blocks[:, 2:]
+    low = (nibbles & 0x0F).to(torch.int8) - 8
+    high = (nibbles >> 4).to(torch.int8) - 8
+    return (torch.cat([low, high], dim=1).to(dtype) * scale).view(matmul.out_features, matmul.in_features)
+
+
+def library_dequantize(matmul: LowBitMatmul, backend: LowBitBackend) -> torch.Tensor:
+    """The weight [out, in] in fp32 as the library itself dequantizes it (the reference)."""
+    low_bit_linear = backend._import("transformers.low_bit_linear")
+    shape = (matmul.out_features, matmul.in_features)
+    return low_bit_linear.ggml_convert_fp32(matmul.module.weight.data, shape, shape[0] * shape[1], matmul.qtype)
+
+
+class DequantizedGemm:
+    """A prefill-block recipe: the weight dequantized (once per call: nothing extra is kept
+    in memory), then one dense GEMM in ``dtype`` (oneDNN: AVX-512-BF16 or AMX for bf16).
+    A row's result depends only on that row and the call's fixed shape."""
+
+    def __init__(self, matmul: LowBitMatmul, dtype: torch.dtype):
+        self.matmul, self.dtype = matmul, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_sym_int4(self.matmul, self.dtype)
+        out = torch.nn.functional.linear(x.to(self.dtype), weight).float()
+        if self.matmul.bias is not None:
+            out += self.matmul.bias
+        return out

@@ -9,7 +9,7 @@ from unittest import mock
 from fastchat.serve import model_worker as upstream
 
 from fastchat_bigdl.common.paths import low_bit_cache_dir
-from fastchat_bigdl.engine.selection import FORWARDS
+from fastchat_bigdl.engine.selection import FORWARDS, PREFILL_RECIPES
 from fastchat_bigdl.lowbit.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve_backend
 from fastchat_bigdl.lowbit.devices import SUPPORTED_DEVICES
 from fastchat_bigdl.lowbit.formats import UnsupportedFormat, check_format, formats_help
@@ -125,9 +125,18 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--forward",
         default="auto",
         choices=FORWARDS,
-        help="Which forward pass decodes: 'lean' is this package's runner for Llama, Mistral and "
-        "Qwen2 models on CPU (faster; greedy output independent of batching and prefix reuse), 'hf' the Hugging "
-        "Face forward; 'auto' (default) takes the lean runner where it covers the model.",
+        help="Which forward pass decodes: 'lean' is this package's runner for Llama, Mistral, "
+        "Qwen2/3, Phi-3 and Gemma 2/3 models on CPU (faster; greedy output independent of batching and "
+        "prefix reuse), 'hf' the Hugging Face forward; 'auto' (default) takes the lean runner where it "
+        "covers the model.",
+    )
+    group.add_argument(
+        "--prefill-recipe",
+        default="auto",
+        choices=PREFILL_RECIPES,
+        help="How the lean runner's prompt blocks multiply by sym_int4 weights: 'kernel' (the "
+        "library's int4 kernel), 'bf16' or 'fp32' (dequantize, then one dense GEMM); 'auto' "
+        "(default) times them at start-up and logs the numbers.",
     )
     group.add_argument(
         "--trust-remote-code",

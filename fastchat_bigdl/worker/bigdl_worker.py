@@ -93,6 +93,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         embed_in_truncate: bool = False,
         seed: Optional[int] = None,
         forward: str = "auto",
+        prefill_recipe: str = "auto",
     ):
         BaseModelWorker.__init__(self, controller_addr, worker_addr, worker_id, model_path, model_names,
                                  limit_worker_concurrency, conv_template=conv_template)
@@ -112,7 +113,7 @@ class BigDLModelWorker(upstream.ModelWorker):
             "trust_remote_code": trust_remote_code, "optimize_model": optimize_model, "backend": backend,
             "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None})
         self.context_len = get_context_length(self.model.config)
-        self.runner, own_stream = self._choose_decode_path(model_path, backend, forward)
+        self.runner, own_stream = self._choose_decode_path(model_path, backend, forward, prefill_recipe)
         self.prefix_cache = None if own_stream else self._prefix_cache(prefix_cache_mb)
         if own_stream:  # chunk by chunk, in turns with the other streams
             stream = self.engine.streamer(own_stream, batched=False)
@@ -136,7 +137,7 @@ class BigDLModelWorker(upstream.ModelWorker):
             tokenizer.pad_token = tokenizer.eos_token
         return self.engine.call(place_model, model, self.device), tokenizer
 
-    def _choose_decode_path(self, model_path: str, backend, forward: str):
+    def _choose_decode_path(self, model_path: str, backend, forward: str, prefill_recipe: str):
         """(the lean runner or None, the model's own FastChat generate function or None):
         decoder-only LMs run this package's token loop (on the runner where it covers the
         model, else the Hugging Face forward); others keep their own function."""
@@ -147,7 +148,8 @@ class BigDLModelWorker(upstream.ModelWorker):
         else:
             # On the engine thread: building the runner runs the kernels (its probes), and
             # kernels run from a second thread slow every later step.
-            runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, self.device, forward)
+            runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, self.device, forward,
+                                                        prefill_recipe)
             own = None
         self.engine.runner = runner
         logger.info(self.decode_path)

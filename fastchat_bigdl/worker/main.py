@@ -75,6 +75,7 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
         embed_in_truncate=args.embed_in_truncate,
         seed=args.seed,
         forward=args.forward,
+        prefill_recipe=args.prefill_recipe,
     )
 
 
