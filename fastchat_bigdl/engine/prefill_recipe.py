@@ -14,7 +14,7 @@ stays independent of batching, prompt splits and prefix reuse.
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -67,15 +67,14 @@ def choose(times: Dict[str, float]) -> str:
     return "kernel" if best != "kernel" and times["kernel"] < MARGIN * times[best] else best
 
 
-def apply_prefill_recipe(layers, lm_head: LowBitMatmul, backend: LowBitBackend,
-                         wanted: str = "auto") -> Tuple[str, str]:
-    """Set every ``sym_int4`` matmul's block recipe; (recipe name, a line saying why)."""
+def apply_prefill_recipe(layers, lm_head: LowBitMatmul, backend: LowBitBackend, wanted: str = "auto") -> str:
+    """Set every ``sym_int4`` matmul's block recipe; returns a line saying which and why."""
     if wanted not in PREFILL_RECIPES:
         raise ValueError(f"unknown prefill recipe {wanted!r}; choose one of {', '.join(PREFILL_RECIPES)}")
     probe = max(_matmuls(layers[0]), key=lambda m: m.in_features * m.out_features)
     if wanted == "kernel" or not _unpackable(probe, backend):
         why = "asked for" if wanted == "kernel" else "the only one for this format"
-        return "kernel", f"prefill blocks: {NAMES['kernel']} ({why})"
+        return f"prefill blocks: {NAMES['kernel']} ({why})"
     times: Optional[Dict[str, float]] = None
     if wanted == "auto":
         times = measure(probe)
@@ -85,7 +84,7 @@ def apply_prefill_recipe(layers, lm_head: LowBitMatmul, backend: LowBitBackend,
         if dtype is not None and matmul.qtype == probe.qtype:
             matmul.block_recipe = DequantizedGemm(matmul, dtype)
     if times is None:
-        return wanted, f"prefill blocks: {NAMES[wanted]} (asked for)"
+        return f"prefill blocks: {NAMES[wanted]} (asked for)"
     shape = f"{PREFILL_BLOCK} rows of the {probe.in_features}x{probe.out_features} layer"
     measured = ", ".join(f"{NAMES[n]} {t:.1f} ms" for n, t in times.items())
-    return wanted, f"prefill blocks: {NAMES[wanted]} (measured, {shape}: {measured})"
+    return f"prefill blocks: {NAMES[wanted]} (measured, {shape}: {measured})"

@@ -139,7 +139,7 @@ def build_lean_runner(model, backend: LowBitBackend, device: str, prefill_recipe
     ropes = _ropes(model, family)
     shape = _shape(model, len(layers), ropes[0], family)
     lm_head = _matmul(model.lm_head, backend, "lm_head")
-    _, recipe_line = apply_prefill_recipe(layers, lm_head, backend, prefill_recipe)
+    recipe_line = apply_prefill_recipe(layers, lm_head, backend, prefill_recipe)
     probe = layers[0].o
     if not prefill_rows_are_independent(probe):
         raise NotCovered("a low-bit kernel whose result for a row depends on the other rows")

@@ -70,6 +70,13 @@ def low_bit_help() -> str:
 
 def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("fastchat-bigdl low-bit loading")
+    _add_loading_args(group)
+    _add_serving_args(group)
+    return parser
+
+
+def _add_loading_args(group) -> None:
+    """How the model is loaded and converted."""
     group.add_argument(
         "--bigdl_load",
         "--bigdl-load",
@@ -103,6 +110,21 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="Convert on every start; read and write no low-bit cache.",
     )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow the model's own Python code from its repository (off by default).",
+    )
+    group.add_argument(
+        "--no-optimize-model",
+        action="store_true",
+        help="Skip the library's model optimizations (on where the installed "
+        "transformers supports them).",
+    )
+
+
+def _add_serving_args(group) -> None:
+    """How the loaded model serves: caches, queueing, the forward pass."""
     group.add_argument(
         "--prefix-cache-mb",
         type=int,
@@ -138,18 +160,6 @@ def add_bigdl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "library's int4 kernel), 'bf16' or 'fp32' (dequantize, then one dense GEMM); 'auto' "
         "(default) times them at start-up and logs the numbers.",
     )
-    group.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Allow the model's own Python code from its repository (off by default).",
-    )
-    group.add_argument(
-        "--no-optimize-model",
-        action="store_true",
-        help="Skip the library's model optimizations (on where the installed "
-        "transformers supports them).",
-    )
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:

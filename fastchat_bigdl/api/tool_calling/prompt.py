@@ -171,7 +171,8 @@ def render_with_template(template_info: Dict[str, Any], messages: List[Dict[str,
 class Prompt:
     text: str
     fmt: ToolFormat  # the format calls are written in
-    by_template: bool  # rendered by the model's own template (its stop tokens apply)
+    stop: Any  # the stop string(s) and token ids of whatever rendered it
+    stop_token_ids: List[int]
 
 
 def render_prompt(conv: Dict[str, Any], template_info: Optional[Dict[str, Any]], messages: List[Dict[str, Any]],
@@ -184,8 +185,11 @@ def render_prompt(conv: Dict[str, Any], template_info: Optional[Dict[str, Any]],
     ``TemplateError``."""
     info = template_info or {}
     fmt = format_of(info.get("chat_template"))
-    if fmt is not None:
-        return Prompt(render_with_template(info, _hf_messages(messages, fmt), request), fmt, True)
-    if info.get("chat_template") and info.get("render_with_template"):
-        return Prompt(render_with_template(info, _generic_messages(messages, request), request), HERMES, True)
-    return Prompt(render_generic(conversation_from_dict(conv), messages, request), HERMES, False)
+    if fmt is None and info.get("chat_template") and info.get("render_with_template"):
+        fmt, messages = HERMES, _generic_messages(messages, request)
+    elif fmt is not None:
+        messages = _hf_messages(messages, fmt)
+    else:
+        text = render_generic(conversation_from_dict(conv), messages, request)
+        return Prompt(text, HERMES, conv["stop_str"], conv["stop_token_ids"] or [])
+    return Prompt(render_with_template(info, messages, request), fmt, info.get("stop"), info.get("stop_token_ids") or [])

@@ -33,7 +33,7 @@ from fastchat_bigdl.common.errors import error_response
 from fastchat_bigdl.api.tool_calling.formats import ToolFormat
 from fastchat_bigdl.api.tool_calling.grammar import output_grammar
 from fastchat_bigdl.api.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
-from fastchat_bigdl.api.tool_calling.prompt import render_prompt
+from fastchat_bigdl.api.tool_calling.prompt import Prompt, render_prompt
 from fastchat_bigdl.api.tool_calling.spec import ToolRequest, tool_request, uses_tools_or_json
 from fastchat_bigdl.common.validation import PARSED_BODY
 
@@ -146,23 +146,22 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
     yield "data: [DONE]\n\n"
 
 
-def _generation_params(data: dict, prompt: str, stops: dict, template: Optional[dict], request: ToolRequest,
-                       fmt: ToolFormat) -> dict:
+def _generation_params(data: dict, rendered: Prompt, template: Optional[dict], request: ToolRequest) -> dict:
     """The worker's generation parameters, with the grammar for the reply (a worker that
-    is not fastchat_bigdl's, ``template`` None, gets none). ``stops``: the ``stop`` and
-    ``stop_token_ids`` of whatever rendered the prompt."""
-    offered = request.offered()
+    is not fastchat_bigdl's, ``template`` None, gets none) and the stops of whatever
+    rendered the prompt."""
+    offered, fmt = request.offered(), rendered.fmt
     structured = request.constrained or request.reply is not None
     gen_params = {
-        "model": data["model"], "prompt": prompt, "echo": False, "logprobs": None,
+        "model": data["model"], "prompt": rendered.text, "echo": False, "logprobs": None,
         "temperature": _param(data, "temperature"), "top_p": _param(data, "top_p"), "top_k": _param(data, "top_k"),
         "presence_penalty": _param(data, "presence_penalty"),
         "frequency_penalty": _param(data, "frequency_penalty"),
-        "stop_token_ids": stops.get("stop_token_ids") or [],
+        "stop_token_ids": rendered.stop_token_ids,
     }
     if data.get("seed") is not None:
         gen_params["seed"] = int(data["seed"])
-    stop = stops.get("stop")
+    stop = rendered.stop
     stops = set([stop] if isinstance(stop, str) else stop or [])
     if not structured:  # a user stop string must not cut output whose shape the grammar guarantees
         user_stop = data.get("stop")
@@ -201,8 +200,7 @@ async def chat_completions_with_tools(raw: Request):
     except TemplateError as exc:
         return error_response(ErrorCode.VALIDATION_TYPE_ERROR, f"the model's chat template refused these messages: {exc}")
     prompt, fmt = rendered.text, rendered.fmt
-    stops = template if rendered.by_template else {"stop": conv["stop_str"], "stop_token_ids": conv["stop_token_ids"]}
-    gen_params = _generation_params(data, prompt, stops, template, request, fmt)
+    gen_params = _generation_params(data, rendered, template, request)
     max_new_tokens, error = await upstream.check_length(SimpleNamespace(model=model), prompt,
                                                         data.get("max_tokens"), worker_addr)
     if error is not None:
