@@ -42,12 +42,14 @@ def build_tiny_llama(
     split_regex: Optional[str] = None,
     family_options: Optional[dict] = None,
     special_tokens: tuple = (),
+    dtype: Optional[str] = None,
 ) -> Path:
     """A random-weight Llama (or ``architecture=`` one of mistral, qwen2, and on transformers
     4.53 ``NEWER_FAMILIES``, with ``family_options`` for their config) with a byte-level BPE
     tokenizer trained on a tiny corpus (split as GPT-2 does, or by ``split_regex`` first, as
-    Llama 3's and Qwen2's tokenizer.json do; ``special_tokens`` added as special). Dims are
-    multiples of 64, as the low-bit layers require."""
+    Llama 3's and Qwen2's tokenizer.json do; ``special_tokens`` added as special), saved
+    in fp32 or ``dtype`` (e.g. "bfloat16"). Dims are multiples of 64, as the low-bit
+    layers require."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -98,6 +100,8 @@ def build_tiny_llama(
         model = _newer_family(architecture, shape, heads, sliding_window, rope_scaling, family_options or {})
     else:
         model = LlamaForCausalLM(LlamaConfig(rope_scaling=rope_scaling, **shape))
+    if dtype:
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(str(path), safe_serialization=True)
     if rope_theta is not None:
         cfg_path = path / "config.json"

@@ -450,3 +450,29 @@ def test_llama_cpp_may_run_in_a_python_of_its_own(tmp_path, fake_llama_cpp, monk
         process.close()
     monkeypatch.setenv(llama_cpp_peer.LLAMA_CPP_PYTHON_ENV, str(tmp_path / "no-such-python"))
     assert llama_cpp_peer.llama_cpp_version() is None
+
+
+def test_kv_cache_comparison_reports_each_type_against_fp32_and_its_noise_floor(tmp_path):
+    """``bench --kv-cache`` in-process on the quick model: bytes a position per type,
+    decode times, and for each type below fp32 (and the nudged fp32 that gives the noise
+    floor) greedy agreement and logit error; the report prints one line per type."""
+    from fastchat_bigdl.bench.kv_cache_compare import NUDGED, compare_kv_caches
+
+    path = build_random_llama(tmp_path / "bench-m", QUICK_SHAPE)
+    result = compare_kv_caches(str(path), "sym_int4", tokens=6, contexts=(64,))
+    types = result["types"]
+    assert list(types) == ["fp32", "bf16", "int8", NUDGED]
+    s = QUICK_SHAPE
+    head_dim = s.hidden // s.heads
+    assert types["fp32"]["bytes_per_position"] == s.layers * 2 * s.kv_heads * head_dim * 4
+    assert types["bf16"]["bytes_per_position"] * 2 == types["fp32"]["bytes_per_position"]
+    assert types["int8"]["bytes_per_position"] == s.layers * 2 * s.kv_heads * (head_dim + 2)
+    assert all(t["decode_ms"]["64"] > 0 for name, t in types.items() if name != NUDGED)
+    for name in ("bf16", "int8", NUDGED):
+        t = types[name]
+        assert len(t["tokens_before_first_difference"]) == result["prompts"] == 8
+        assert all(0 <= n <= 6 for n in t["tokens_before_first_difference"])
+        assert 0 < t["logit_error_mean"] <= t["logit_error_max"] < 1  # moved, not broken
+    lines = bench_report._kv_cache_lines(result)
+    assert len(lines) == 4 and "KV cache bf16:" in lines[1] and "greedy answers identical to fp32's" in lines[1]
+    assert lines[3].startswith(f"KV cache {NUDGED}: ") and "KiB" not in lines[3]

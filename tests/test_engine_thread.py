@@ -111,10 +111,15 @@ def test_a_failing_engine_turn_fails_its_streams_and_the_engine_serves_on(mocker
 @pytest.mark.backend
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_running_streams(tiny_tools):
     """While a ~2,900-token prompt is prefilled (46 blocks), a stream already decoding
-    gets a step between every two blocks: the engine's calls, in the order it made them."""
+    waits about one decode step's worth of prefill between its steps: here each prefill
+    layer is made slower than a decode step (20 ms), so exactly one layer runs between
+    two decode steps; the engine's calls, in the order it made them."""
+    import time as _time
+
     import torch
 
     from fastchat_bigdl.engine.selection import choose_forward
+    from fastchat_bigdl.engine.llama_runner import PREFILL_BLOCK
     from fastchat_bigdl.lowbit.backend import resolve_backend
     from fastchat_bigdl.lowbit.loader import load_low_bit_model
     from fastchat_bigdl.worker.generation import token_loop
@@ -125,18 +130,31 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_running_streams(
     assert runner is not None, line
     engine.runner = runner
     calls = []
-    prefill, decode = runner.prefill_block, runner.decode
-    runner.prefill_block = lambda tokens, kv, **kw: calls.append(("prefill", len(tokens))) or prefill(tokens, kv, **kw)
-    runner.decode = lambda steps: calls.append(("decode", len(steps))) or decode(steps)
+
+    class SlowInPrefill:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __call__(self, x):
+            if x.shape[0] == PREFILL_BLOCK:
+                calls.append("layer")
+                _time.sleep(0.02)
+            return self.kernel(x)
+
+    for layer in runner.layers:
+        layer.o = SlowInPrefill(layer.o)
+    decode = runner.decode
+    runner.decode = lambda steps: calls.append("decode") or decode(steps)
     stream = engine.streamer(functools.partial(token_loop, runner=runner))
     words = "the quick brown fox jumps over the lazy dog hello world one two three four five six seven".split()
-    running = stream(model, tokenizer, {"prompt": "hello world", "temperature": 0, "max_new_tokens": 400,
-                                        "echo": False, "stop_token_ids": []}, "cpu", 4096, 1)
+    running = stream(model, tokenizer, {"prompt": "hello world", "temperature": 0, "max_new_tokens": 4000,
+                                        "echo": False, "stop_token_ids": []}, "cpu", 8192, 1)
     next(running)  # decoding now
+    calls.clear()
     *_, long_answer = stream(model, tokenizer, {"prompt": " ".join(words * 60), "temperature": 0,
                                                 "max_new_tokens": 2, "echo": False}, "cpu", 4096, 1)
     running.close()
-    blocks = [i for i, (kind, n) in enumerate(calls) if kind == "prefill" and n > 2]  # the long prompt's
-    assert len(blocks) > 40 and long_answer["usage"]["prompt_tokens"] > 2500
-    between = calls[blocks[0]:blocks[-1]]
-    assert sum(kind == "decode" for kind, _ in between) >= len(blocks) - 1
+    layers = [i for i, kind in enumerate(calls) if kind == "layer"]
+    assert len(layers) > 40 * len(runner.layers) and long_answer["usage"]["prompt_tokens"] > 2500
+    between = "".join("L" if kind == "layer" else "d" for kind in calls[layers[0]:layers[-1] + 1])
+    assert "LL" not in between, between[:200]  # never two prefill layers without a decode step

@@ -70,6 +70,12 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
 
         progress("profiling one generated token in-process (linears, attention, other ops, token loop) ...")
         profile = run_profile(model_path, s.low_bit, s.out_dir / "profile.json", prompt_tokens=s.prompt_tokens)
+    kv_cache = None
+    if s.kv_cache:
+        from fastchat_bigdl.bench.kv_cache_compare import run_kv_cache_compare
+
+        progress("comparing the KV cache types in-process (greedy agreement, logit error, decode time) ...")
+        kv_cache = run_kv_cache_compare(model_path, s.low_bit, s.out_dir / "kv_cache.json")
     report = {
         "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "platform": platform.platform(),
                     "python": platform.python_version(), "bandwidth_gbs": bandwidth},
@@ -79,6 +85,8 @@ def run(s: BenchSettings, progress: Callable[[str], None] = print, measure_peer=
     }
     report["baseline"] = baseline(report["stacks"])
     report["ratios"] = compare(report["stacks"][OURS], report["stacks"].get(report["baseline"]))
+    if kv_cache is not None:
+        report["kv_cache"] = kv_cache
     if profile is not None:
         report["profile"] = profile
         report["ratios"].update(compare_with_profile(report["stacks"][OURS], profile))
@@ -136,6 +144,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="Also break one generated token's time down in-process (low-bit linears, attention, "
                              "other ops, the token loop) and relate the API's decode speed to it")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="Also compare the lean runner's KV cache types (fp32, bf16, int8) in-process: greedy "
+                             "agreement and logit error against fp32, decode time at 128 and 1024 positions, bytes")
     parser.add_argument("--concurrency", default=None, metavar="N,N,...",
                         help="Streams at once for the concurrency sweep of this package's stack "
                              "(default 1,2,4,8,16; --quick 1,2; 0 skips it)")
@@ -183,7 +194,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         # A real model answers best in its own template (llama.cpp uses the GGUF's, too).
         conv_template=None if real_model else CONV_TEMPLATE,
         prompt_style="english" if real_model else "words",
-        against=against, gguf_path=gguf, profile=args.profile,
+        against=against, gguf_path=gguf, profile=args.profile, kv_cache=getattr(args, "kv_cache", False),
         concurrency=concurrency_levels(args.concurrency, quick) if args.concurrency or not big else (1, 4),
         stock_dtypes=stock_dtypes(option("stock_dtypes", "float32,bfloat16" if big else "float32")),
         long_prompt_tokens=option("long_prompt", 1000 if big else 0),

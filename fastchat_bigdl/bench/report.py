@@ -241,12 +241,29 @@ def _notes(report: dict) -> list:
         if api:
             out.append(f"through the API {1000 / api:.1f} ms a token: serving adds "
                        f"{1000 / api - ms['token_loop']:.1f} ms")
+    out += _kv_cache_lines(report.get("kv_cache"))
     for r in ours.get("concurrency") or []:
         out.append(f"{r['streams']:2d} streams at once: {f(r['aggregate_tok_s'], '{:.1f}')} tok/s in all, "
                    f"{f(r['per_stream_tok_s'], '{:.1f}')} per stream, gap p50 {f(r['gap_p50_ms'], '{:.0f}')} ms / "
                    f"p99 {f(r['gap_p99_ms'], '{:.0f}')} ms, {len(r['errors'])} errors")
     for name, t in report["targets"].items():
         out.append(f"target {name}: {f(t['value'])} -> {'met' if t['met'] else 'NOT met'}")
+    return out
+
+
+def _kv_cache_lines(kv_cache: Optional[dict]) -> list:
+    """One line per KV cache type of ``bench --kv-cache``."""
+    out = []
+    for name, t in ((kv_cache or {}).get("types") or {}).items():
+        parts = []
+        if "bytes_per_position" in t:
+            decode = ", ".join(f"{ms:.1f} ms at {c}" for c, ms in t["decode_ms"].items())
+            parts.append(f"{t['bytes_per_position'] / 1024:.1f} KiB a position, decode {decode}")
+        if "identical_answers" in t:
+            parts.append(f"{t['identical_answers']}/{kv_cache['prompts']} greedy answers identical to fp32's, "
+                         f"logit error max {100 * t['logit_error_max']:.2f}% / mean {100 * t['logit_error_mean']:.2f}%")
+        line = f"KV cache {name}: " + "; ".join(parts)
+        out.append(line)
     return out
 
 

@@ -44,6 +44,7 @@ class BenchSettings:
     against: Tuple[str, ...] = ()
     gguf_path: Optional[str] = None
     profile: bool = False
+    kv_cache: bool = False  # also compare the KV cache types in-process (bench.kv_cache_compare)
     concurrency: Tuple[int, ...] = ()  # streams at once, for the sweep (ours only)
     stock_dtypes: Tuple[str, ...] = ("float32",)  # stock FastChat is measured in each, in order
     long_prompt_tokens: int = 0  # also the TTFT of one prompt this long (0: not measured)

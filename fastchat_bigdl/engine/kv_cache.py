@@ -7,21 +7,39 @@ another request may reuse, its bytes, and a private copy of a prefix.
   whole cache (or, in the low-bit library's version, preallocate per layer and still
   copy on growth and on every read). Here a step writes its new positions in place and
   attention reads a view; the storage grows by doubling, so a sequence is copied
-  O(log n) times, not once a token.
+  O(log n) times, not once a token. Stored in one of ``KV_CACHE_DTYPES``: fp32; bf16
+  (half the bytes; attention reads the stored tensors as they are, in bf16 with fp32
+  accumulation); int8 with one bf16 scale per position and head (a quarter of fp32's
+  bytes plus 2 per head; attention reads a bf16 copy of the range it needs, made per
+  call: memory bought with time).
 - ``HuggingFaceKV``: whatever cache the Hugging Face forward returns (``DynamicCache`` or
   legacy per-layer tuples), wrapped.
 """
 from __future__ import annotations
 
-from typing import List, Protocol, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 import torch
 
 GROWTH_QUANTUM = 64  # positions; capacities are multiples of this
+KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+INT8_LEVELS = 127  # symmetric: a position's head is stored as round(x / scale), scale = max|x| / 127
 
 
 def _round_up(n: int, quantum: int = GROWTH_QUANTUM) -> int:
     return -(-n // quantum) * quantum
+
+
+def capacity_for(positions: int, limit: int = 0) -> int:
+    """Positions a ``SequenceKV`` allocates to hold ``positions`` (``limit``: the context)."""
+    capacity = _round_up(max(1, positions))
+    return min(capacity, _round_up(limit)) if limit else capacity
+
+
+def bytes_per_position(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Keys and values of one position in every layer (int8: plus a bf16 scale per head)."""
+    scale = 2 if dtype == torch.int8 else 0
+    return layers * 2 * kv_heads * (head_dim * dtype.itemsize + scale)
 
 
 class KVCache(Protocol):
@@ -44,28 +62,40 @@ class KVCache(Protocol):
 class SequenceKV:
     """``data[layer, 0|1, kv_head, position, head_dim]``: keys (0) and values (1) of the
     first ``length`` positions of one sequence, of which the first ``prefilled`` were
-    computed as prompt positions (the only ones another request may reuse)."""
+    computed as prompt positions (the only ones another request may reuse). For int8,
+    ``scales[layer, 0|1, kv_head, position]`` (bf16) goes with ``data``."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  capacity: int = GROWTH_QUANTUM, limit: int = 0):
+        if dtype not in KV_CACHE_DTYPES.values():
+            raise ValueError(f"KV cache dtype {dtype} (choose one of {', '.join(KV_CACHE_DTYPES)})")
         self.limit = limit  # the model's context length: never allocate beyond it (0 = none)
-        # Zeroed, not empty: a prefill block attends over positions not written yet (masked;
-        # 0 x garbage could be NaN).
-        self.data = torch.zeros(layers, 2, kv_heads, self._capped(_round_up(max(1, capacity))), head_dim,
-                                dtype=dtype)
+        self._allocate((layers, 2, kv_heads), head_dim, capacity_for(capacity, limit), dtype)
         self.length = 0
         self.prefilled = 0
 
+    def _allocate(self, lead: Tuple[int, ...], head_dim: int, capacity: int, dtype: torch.dtype) -> None:
+        # Zeroed, not empty: a prefill block attends over positions not written yet (masked;
+        # 0 x garbage could be NaN).
+        self.data = torch.zeros(*lead, capacity, head_dim, dtype=dtype)
+        self.scales = torch.zeros(*lead, capacity, dtype=torch.bfloat16) if dtype == torch.int8 else None
+
     def _capped(self, capacity: int) -> int:
-        return min(capacity, _round_up(self.limit)) if self.limit else capacity
+        return capacity_for(capacity, self.limit)
 
     @property
     def capacity(self) -> int:
         return self.data.shape[3]
 
     @property
+    def attention_dtype(self) -> torch.dtype:
+        """What ``keys``/``values`` return and attention computes in."""
+        return torch.float32 if self.data.dtype == torch.float32 else torch.bfloat16
+
+    @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + scales
 
     @property
     def reusable(self) -> int:
@@ -73,38 +103,67 @@ class SequenceKV:
         differently, and a cold request would compute it as a prompt position."""
         return self.prefilled
 
+    def stored(self, length: int) -> Tuple[torch.Tensor, ...]:
+        """What is stored for the first ``length`` positions (for comparing caches)."""
+        parts = (self.data[:, :, :, :length],)
+        return parts if self.scales is None else parts + (self.scales[:, :, :, :length],)
+
     def reserve(self, positions: int) -> None:
         """Room for ``positions`` positions in total."""
         if positions <= self.capacity:
             return
-        grown = self._capped(_round_up(max(positions, 2 * self.capacity)))
-        data = torch.zeros(*self.data.shape[:3], max(grown, positions), self.data.shape[4], dtype=self.data.dtype)
-        data[:, :, :, :self.length] = self.data[:, :, :, :self.length]
-        self.data = data
+        self._move_to(max(self._capped(_round_up(max(positions, 2 * self.capacity))), positions))
+
+    def _move_to(self, capacity: int, length: Optional[int] = None) -> None:
+        """Storage of ``capacity`` positions keeping the first ``length`` (default: all held)."""
+        keep = self.length if length is None else length
+        data, scales = self.data, self.scales
+        self._allocate(data.shape[:3], data.shape[4], capacity, data.dtype)
+        self.data[:, :, :, :keep] = data[:, :, :, :keep]
+        if scales is not None:
+            self.scales[:, :, :, :keep] = scales[:, :, :, :keep]
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``keys``/``values``: [positions, kv_heads, head_dim] for positions start, start+1, ..."""
         end = start + keys.shape[0]
-        self.data[layer, 0, :, start:end] = keys.transpose(0, 1)
-        self.data[layer, 1, :, start:end] = values.transpose(0, 1)
+        for part, rows in ((0, keys), (1, values)):
+            rows = rows.transpose(0, 1)
+            if self.scales is None:
+                self.data[layer, part, :, start:end] = rows
+            else:
+                self.data[layer, part, :, start:end], self.scales[layer, part, :, start:end] = _to_int8(rows)
 
     def keys(self, layer: int, begin: int, end: int) -> torch.Tensor:
-        return self.data[layer, 0, :, begin:end]
+        """[kv_heads, end - begin, head_dim] in ``attention_dtype``: a view, or for int8 a copy."""
+        return self._read(layer, 0, begin, end)
 
     def values(self, layer: int, begin: int, end: int) -> torch.Tensor:
-        return self.data[layer, 1, :, begin:end]
+        return self._read(layer, 1, begin, end)
+
+    def _read(self, layer: int, part: int, begin: int, end: int) -> torch.Tensor:
+        stored = self.data[layer, part, :, begin:end]
+        if self.scales is None:
+            return stored
+        return stored.to(torch.bfloat16) * self.scales[layer, part, :, begin:end, None]
 
     def prefix(self, length: int, room: int = 0) -> "SequenceKV":
         """A private copy of the first ``length`` positions, with ``room`` for more to come,
         allocated once (0: as compact as the allocation quantum allows, for keeping)."""
         copy = SequenceKV.__new__(SequenceKV)
-        copy.limit = self.limit
-        copy.data = torch.zeros(*self.data.shape[:3], self._capped(_round_up(max(1, length + room))),
-                                self.data.shape[4], dtype=self.data.dtype)
-        copy.data[:, :, :, :length] = self.data[:, :, :, :length]
+        copy.limit, copy.data, copy.scales = self.limit, self.data, self.scales
+        copy._move_to(capacity_for(length + room, self.limit), length)
         copy.length = length
         copy.prefilled = min(length, self.prefilled)
         return copy
+
+
+def _to_int8(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per (head, position) of ``rows`` [heads, positions, dim]: (values,
+    bf16 scales). The scale is rounded to bf16 first, so values are quantized by the scale
+    that is stored; an all-zero row keeps scale 0."""
+    scales = (rows.abs().amax(dim=-1) / INT8_LEVELS).to(torch.bfloat16)
+    divisor = scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return (rows / divisor).round().clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8), scales
 
 
 class HuggingFaceKV:

@@ -30,12 +30,12 @@ request computes every position the same way cold or warm, alone or batched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Generator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from fastchat_bigdl.engine.kv_cache import SequenceKV
+from fastchat_bigdl.engine.kv_cache import SequenceKV, bytes_per_position, capacity_for
 from fastchat_bigdl.lowbit.kernels import LowBitMatmul
 
 PREFILL_BLOCK = 64  # rows per prefill call: measured 0.65 ms/row of linears vs 10 ms for one row
@@ -136,6 +136,14 @@ class LlamaRunner:
         return SequenceKV(s.layers, s.kv_heads, s.head_dim, self.kv_dtype, capacity=max(1, expected_positions),
                           limit=s.context)
 
+    def kv_bytes_per_position(self) -> int:
+        s = self.shape
+        return bytes_per_position(s.layers, s.kv_heads, s.head_dim, self.kv_dtype)
+
+    def kv_bytes(self, positions: int) -> int:
+        """What ``new_sequence(positions)`` allocates."""
+        return capacity_for(positions, self.shape.context) * self.kv_bytes_per_position()
+
     def _rope_tables(self, end: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """cos and signed sin of every rotary embedding for positions [0, end), computed
         once per ``ROPE_TABLE_QUANTUM`` positions."""
@@ -170,13 +178,25 @@ class LlamaRunner:
                 parts.append(logits)
         return torch.cat(parts) if all_logits else logits
 
-    @torch.inference_mode()
     def prefill_block(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False,
                       next_logits: bool = True) -> Optional[torch.Tensor]:
         """Feed prompt ``tokens`` (at most ``block_room(kv)``) after the ``kv.length``
         positions already in ``kv``, in one full block call; returns the logits of the last
         token [1, vocab], or of every token fed (``all_logits``), or nothing
         (``next_logits=False``: more of the prompt follows)."""
+        steps = self.prefill_block_steps(tokens, kv, all_logits, next_logits)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def prefill_block_steps(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False,
+                            next_logits: bool = True) -> Generator[None, None, Optional[torch.Tensor]]:
+        """``prefill_block`` one layer at a time: yields after each layer, returns its result.
+        The engine runs a few layers a turn between other streams' decode steps; the
+        arithmetic is the same however the layers are spread over turns."""
         start, end = kv.length, kv.length + len(tokens)
         if not 0 < len(tokens) <= self.block_room(kv):
             raise ValueError(f"{len(tokens)} tokens do not fit the prefill block at position {start}")
@@ -185,7 +205,7 @@ class LlamaRunner:
         kv.reserve(base + PREFILL_BLOCK)  # the block attends over all its keys
         ids = torch.zeros(PREFILL_BLOCK, dtype=torch.long)  # padding rows: token 0, never stored
         ids[start - base:end - base] = torch.as_tensor(tokens, dtype=torch.long)
-        out = self._layers(self._embed(ids), PrefillBlock(self, kv, base, start - base, end - base))
+        out = yield from self._layer_steps(self._embed(ids), PrefillBlock(self, kv, base, start - base, end - base))
         kv.length = kv.prefilled = end
         # The whole block through lm_head, so its rows round the same in any split; the
         # next token always comes from a one-row call: the same with or without all_logits.
@@ -213,7 +233,7 @@ class LlamaRunner:
         return self._logits(out)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(ids, self.embed).float()  # a bf16 table (``compact_embeddings``) gives fp32 rows
         return x * self.shape.embed_scale if self.shape.embed_scale != 1.0 else x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -222,8 +242,17 @@ class LlamaRunner:
         return _softcap(logits, s.logit_softcap)
 
     def _layers(self, x: torch.Tensor, call: "RunnerCall") -> torch.Tensor:
-        """Every layer over the rows of ``x``; ``call`` (a prefill block or decode rows)
-        says where each row sits, which rows store keys and values, and how they attend."""
+        steps = self._layer_steps(x, call)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _layer_steps(self, x: torch.Tensor, call: "RunnerCall") -> Generator[None, None, torch.Tensor]:
+        """Every layer over the rows of ``x``, yielding after each; ``call`` (a prefill
+        block or decode rows) says where each row sits, which rows store keys and values,
+        and how they attend. Returns the last layer's output."""
         s = self.shape
         n = x.shape[0]
         heads, kv_heads, dim = s.heads, s.kv_heads, s.head_dim
@@ -246,6 +275,7 @@ class LlamaRunner:
             x = x + _maybe_norm(layer.o(attn), layer.attn_out_norm, s)
             h = F.rms_norm(x, (s.hidden,), layer.post_norm, s.norm_eps)
             x = x + _maybe_norm(layer.down(self._gated(layer, h)), layer.mlp_out_norm, s)
+            yield
         return x
 
     def _gated(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
@@ -278,13 +308,15 @@ def _softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               shape: RunnerShape) -> torch.Tensor:
     """Scaled dot-product attention of q [1, H, n, d] over k, v [1, KV, L, d] (H a
-    multiple of KV); spelled out where the scores are soft-capped (SDPA cannot)."""
+    multiple of KV; all fp32, or all bf16: SDPA accumulates in fp32); spelled out in fp32
+    where the scores are soft-capped (SDPA cannot; the heads are copied per group anyway)."""
     if shape.attention_softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=shape.attention_scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q, k, v = q.float(), k.float(), v.float()
     scale = shape.attention_scale if shape.attention_scale is not None else q.shape[-1] ** -0.5
     scores = _softcap(q @ k.transpose(-1, -2) * scale, shape.attention_softcap)
     if mask is not None:
@@ -325,7 +357,7 @@ class PrefillBlock:
         s = self.shape
         mask = self.mask(self.windows[layer])
         n, keys = mask.shape
-        q = queries.transpose(0, 1)[None]
+        q = queries.transpose(0, 1)[None].to(self.kv.attention_dtype)
         out = attention(q, self.kv.keys(layer, 0, keys)[None], self.kv.values(layer, 0, keys)[None], mask, s)
         attn.copy_(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
 
@@ -349,7 +381,7 @@ class DecodeRows:
         for row, kv in enumerate(self.kvs):
             stop, window = kv.length + 1, self.windows[layer]
             first = max(0, stop - window) if window else 0
-            q = queries[row].view(1, s.kv_heads, s.heads // s.kv_heads, s.head_dim)
+            q = queries[row].view(1, s.kv_heads, s.heads // s.kv_heads, s.head_dim).to(kv.attention_dtype)
             out = attention(q, kv.keys(layer, first, stop)[None], kv.values(layer, first, stop)[None], None, s)
             attn[row] = out.view(-1)
 

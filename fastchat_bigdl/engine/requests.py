@@ -37,4 +37,14 @@ class Compute:
     fn: Callable[[], object]
 
 
-REQUESTS = (Prefill, Decode, Compute)
+@dataclass
+class Reserve:
+    """Bytes of KV cache to hold before allocating it (``engine.kv_budget``); answered
+    with a ``Reservation`` once the engine's budget grants them, in arrival order (or
+    with ``NeverFits`` raised in the loop). ``what`` names the request in that error."""
+    nbytes: int
+    what: str = "this request"
+    waited: bool = False
+
+
+REQUESTS = (Prefill, Decode, Compute, Reserve)

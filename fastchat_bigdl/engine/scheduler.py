@@ -7,9 +7,12 @@ to the loading thread), and kernels run from a second thread slow every later st
 
 Each turn of the loop: run the queued calls (loading, building the runner); start new
 streams; advance every active token loop to its next request (``engine.requests``),
-queueing the output chunks it yields for its client; then one batched ``decode`` for all
-decode requests, each ``Compute`` alone, and one block of one waiting prefill, so a long
-prompt delays the other streams by one block per turn instead of freezing them.
+queueing the output chunks it yields for its client; grant KV reservations the budget
+has room for (``engine.kv_budget``; the others wait); then one batched ``decode`` for all
+decode requests, each ``Compute`` alone, and layers of one waiting prefill block for about
+as long as that decode step took (``LlamaRunner.prefill_block_steps``), so a long prompt
+delays the decoding streams by about one step per turn instead of freezing them; with
+nobody decoding, whole blocks.
 Requests join between turns; a stream whose client went away is closed at the next turn,
 on this thread, so its cleanup (the prefix cache) runs here too.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable, Deque, Iterator, List, Optional
@@ -29,7 +33,8 @@ from typing import Callable, Deque, Iterator, List, Optional
 import torch
 
 from fastchat_bigdl.engine.llama_runner import LlamaRunner
-from fastchat_bigdl.engine.requests import REQUESTS, Compute, Decode, Prefill
+from fastchat_bigdl.engine.kv_budget import KVBudget, NeverFits, Reservation
+from fastchat_bigdl.engine.requests import REQUESTS, Compute, Decode, Prefill, Reserve
 
 logger = logging.getLogger(__name__)
 _END = object()
@@ -51,11 +56,14 @@ class _Stream:
         self.reply = None  # what it gets next
         self.cancelled = False
         self.logits_parts: List = []  # a prefill split over turns
+        self.block: Optional[Iterator] = None  # the prefill block under way (``prefill_block_steps``)
+        self.block_is_last = False
 
 
 class Engine:
     def __init__(self, name: str = "model", runner: Optional[LlamaRunner] = None, inline: bool = False):
         self.runner = runner
+        self.kv_budget: Optional[KVBudget] = None  # None: reservations are granted at once
         self._wake = threading.Condition()
         self._calls: Deque = deque()
         self._new: Deque[_Stream] = deque()
@@ -199,16 +207,42 @@ class Engine:
             elif stream.request is None:
                 self._advance(stream)
         waiting = [s for s in self._active if s.request is not None]
+        self._grant_reservations([s for s in waiting if isinstance(s.request, Reserve)])
         for stream in [s for s in waiting if isinstance(s.request, Compute)]:
             self._answer([stream], lambda: [stream.request.fn()])
         decodes = [s for s in waiting if isinstance(s.request, Decode)]
+        slice_seconds = float("inf")  # nobody decoding: nobody waits for the prefill
         if decodes:
             self.steps += 1
             self.batched_rows += len(decodes)
+            started = time.perf_counter()
             self._answer(decodes, lambda: self._decode_rows(decodes))
-        prefill = next((s for s in waiting if isinstance(s.request, Prefill)), None)
+            slice_seconds = time.perf_counter() - started
+        prefill = next((s for s in waiting if isinstance(s.request, Prefill) and s.block is not None), None)
+        prefill = prefill or next((s for s in waiting if isinstance(s.request, Prefill)), None)
         if prefill is not None:
-            self._prefill_block(prefill)
+            self._prefill_layers(prefill, slice_seconds)
+
+    def _grant_reservations(self, streams: List[_Stream]) -> None:
+        """In arrival order, until one does not fit (those behind it wait too, so a large
+        request is not starved by smaller ones); one that never fits fails in its loop."""
+        budget = self.kv_budget
+        for stream in streams:
+            request: Reserve = stream.request
+            if budget is None:
+                stream.request, stream.reply = None, Reservation(None, request.nbytes)
+                continue
+            try:
+                budget.check(request.nbytes, request.what)
+            except NeverFits as exc:
+                self._fail(stream, exc)
+                continue
+            if not budget.try_reserve(request.nbytes):
+                if not request.waited:
+                    request.waited = True
+                    budget.waited += 1
+                return
+            stream.request, stream.reply = None, Reservation(budget, request.nbytes)
 
     def _decode_rows(self, streams: List[_Stream]) -> list:
         logits = self.runner.decode([(s.request.token, s.request.kv) for s in streams])
@@ -224,23 +258,34 @@ class Engine:
         for stream, reply in zip(streams, replies):
             stream.request, stream.reply = None, reply
 
-    def _prefill_block(self, stream: _Stream) -> None:
-        """The next block-aligned piece of ``stream``'s prompt; answered after the last."""
+    def _prefill_layers(self, stream: _Stream, seconds: float) -> None:
+        """Layers of ``stream``'s current prefill block (its next block-aligned piece of
+        the prompt) for about ``seconds`` (this turn's decode step), at least one: a long
+        prompt delays the decoding streams by about one step a turn. Answered after the
+        last layer of the last block."""
         request: Prefill = stream.request
-        kv = request.kv
-        room = self.runner.block_room(kv)
-        piece, rest = request.tokens[:room], request.tokens[room:]
-        last = not rest
+        deadline = time.perf_counter() + seconds
         try:
-            logits = self.runner.prefill_block(piece, kv, all_logits=request.all_logits, next_logits=last)
+            if stream.block is None:
+                room = self.runner.block_room(request.kv)
+                piece, request.tokens = request.tokens[:room], request.tokens[room:]
+                stream.block_is_last = not request.tokens
+                stream.block = self.runner.prefill_block_steps(piece, request.kv, all_logits=request.all_logits,
+                                                               next_logits=stream.block_is_last)
+            while True:
+                next(stream.block)
+                if time.perf_counter() >= deadline:
+                    return
+        except StopIteration as done:
+            logits = done.value
         except BaseException as exc:  # noqa: BLE001
-            stream.logits_parts = []
+            stream.block, stream.logits_parts = None, []
             self._fail(stream, exc)
             return
+        stream.block = None
         if request.all_logits:
             stream.logits_parts.append(logits)
-        if not last:
-            request.tokens = rest
+        if not stream.block_is_last:
             return
         if request.all_logits:
             logits = torch.cat(stream.logits_parts)

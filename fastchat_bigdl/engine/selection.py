@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fastchat_bigdl.engine.kv_cache import KV_CACHE_DTYPES
 from fastchat_bigdl.engine.families import Family, NotCovered, family_of, layer_windows, rope_of, rotary_rope
 from fastchat_bigdl.engine.llama_runner import DECODE_ROWS, PREFILL_BLOCK, Layer, LlamaRunner, Rope, RunnerShape
 from fastchat_bigdl.engine.prefill_recipe import PREFILL_RECIPES, apply_prefill_recipe
@@ -19,7 +20,9 @@ from fastchat_bigdl.lowbit.backend import LowBitBackend
 from fastchat_bigdl.lowbit.kernels import LowBitMatmul, cpu_matmul
 
 FORWARDS = ("auto", "lean", "hf")
-__all__ = ["NotCovered", "FORWARDS", "PREFILL_RECIPES", "build_lean_runner", "choose_forward"]
+DEFAULT_KV_CACHE_DTYPE = "bf16"  # half of fp32's bytes; the measured effect is in docs/performance.md
+__all__ = ["NotCovered", "FORWARDS", "PREFILL_RECIPES", "KV_CACHE_DTYPES", "DEFAULT_KV_CACHE_DTYPE",
+           "build_lean_runner", "choose_forward"]
 
 
 def _matmul(module, backend, where: str):
@@ -58,6 +61,24 @@ def _norm(module, family: Family) -> Optional[torch.Tensor]:
         return None
     weight = module.weight.data
     return weight + family.norm_offset if family.norm_offset else weight
+
+
+def compact_embeddings(module: torch.nn.Embedding) -> torch.Tensor:
+    """The embedding table the runner reads: in bf16 where that holds every value exactly
+    (a bf16 checkpoint loaded in fp32), halving its memory, else as loaded. The module
+    then holds the bf16 table too (the fp32 copy is freed) and hands the rest of the
+    Hugging Face forward fp32 rows, as before (it still serves embeddings requests)."""
+    weight = module.weight.data
+    compact = weight.to(torch.bfloat16)
+    if not torch.equal(compact.float(), weight):
+        return weight
+    module.weight.data = compact
+    module.register_forward_hook(_rows_in_fp32)
+    return compact
+
+
+def _rows_in_fp32(module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
 
 
 def _layer(block, backend: LowBitBackend, index: int, family: Family, window: Optional[int]) -> Layer:
@@ -124,9 +145,11 @@ def _ropes(model, family: Family) -> List[Rope]:
     return ropes
 
 
-def build_lean_runner(model, backend: LowBitBackend, device: str, prefill_recipe: str = "auto") -> LlamaRunner:
+def build_lean_runner(model, backend: LowBitBackend, device: str, prefill_recipe: str = "auto",
+                      kv_cache_dtype: str = DEFAULT_KV_CACHE_DTYPE) -> LlamaRunner:
     """The runner for ``model`` or NotCovered; its prefill blocks multiply as
-    ``prefill_recipe`` says (``auto``: the fastest measured, see ``prefill_recipe``)."""
+    ``prefill_recipe`` says (``auto``: the fastest measured, see ``prefill_recipe``), its
+    KV caches hold ``kv_cache_dtype`` (one of ``KV_CACHE_DTYPES``)."""
     if not str(device).startswith("cpu"):
         raise NotCovered(f"device {device} (the library's fused forward serves it)")
     config = model.config
@@ -143,24 +166,29 @@ def build_lean_runner(model, backend: LowBitBackend, device: str, prefill_recipe
     probe = layers[0].o
     if not prefill_rows_are_independent(probe):
         raise NotCovered("a low-bit kernel whose result for a row depends on the other rows")
-    return LlamaRunner(shape, model.model.embed_tokens.weight.data, layers, _norm(model.model.norm, family),
-                       lm_head, ropes, decode_rows=invariant_decode_rows(probe), prefill_line=recipe_line)
+    return LlamaRunner(shape, compact_embeddings(model.model.embed_tokens), layers, _norm(model.model.norm, family),
+                       lm_head, ropes, decode_rows=invariant_decode_rows(probe), prefill_line=recipe_line,
+                       kv_dtype=KV_CACHE_DTYPES[kv_cache_dtype])
 
 
 def choose_forward(model, backend: LowBitBackend, device: str, wanted: str = "auto",
-                   prefill_recipe: str = "auto") -> Tuple[Optional[LlamaRunner], str]:
+                   prefill_recipe: str = "auto",
+                   kv_cache_dtype: str = DEFAULT_KV_CACHE_DTYPE) -> Tuple[Optional[LlamaRunner], str]:
     """(runner or None for the Hugging Face forward, a line saying which serves and why,
-    and for the runner how its prefill blocks multiply)."""
+    and for the runner how its prefill blocks multiply and what its KV caches hold)."""
     if wanted not in FORWARDS:
         raise ValueError(f"unknown forward {wanted!r}; choose one of {', '.join(FORWARDS)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
     if wanted == "hf":
         return None, "decode path: Hugging Face forward (--forward hf)"
     try:
-        runner = build_lean_runner(model, backend, device, prefill_recipe)
+        runner = build_lean_runner(model, backend, device, prefill_recipe, kv_cache_dtype)
     except NotCovered as exc:
         if wanted == "lean":
             raise
         return None, f"decode path: Hugging Face forward (the lean runner does not cover {exc})"
     return runner, (f"decode path: lean {family_of(model.config).name} runner ({runner.shape.layers} layers, "
                     f"{runner.shape.heads}/{runner.shape.kv_heads} heads, low-bit kernels called directly); "
-                    f"{runner.prefill_line}")
+                    f"{runner.prefill_line}; KV cache {kv_cache_dtype}, "
+                    f"{runner.kv_bytes_per_position() / 1024:.1f} KiB a position")

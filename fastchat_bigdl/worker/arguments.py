@@ -9,7 +9,7 @@ from unittest import mock
 from fastchat.serve import model_worker as upstream
 
 from fastchat_bigdl.common.paths import low_bit_cache_dir
-from fastchat_bigdl.engine.selection import FORWARDS, PREFILL_RECIPES
+from fastchat_bigdl.engine.selection import DEFAULT_KV_CACHE_DTYPE, FORWARDS, KV_CACHE_DTYPES, PREFILL_RECIPES
 from fastchat_bigdl.lowbit.backend import BACKEND_ENV, LIBRARIES, BackendError, resolve_backend
 from fastchat_bigdl.lowbit.devices import SUPPORTED_DEVICES
 from fastchat_bigdl.lowbit.formats import UnsupportedFormat, check_format, formats_help
@@ -136,6 +136,16 @@ def _add_serving_args(group) -> None:
         "memory; on xpu 1024).",
     )
     group.add_argument(
+        "--kv-budget-mb",
+        type=int,
+        default=None,
+        metavar="MB",
+        help="Memory for KV caches: running requests reserve theirs (prompt + max_tokens) against it "
+        "and wait while it is full, the prefix cache gives way to them; a request larger than all of it "
+        "gets error 40303 (default: 60%% of the memory available after loading, within any cgroup "
+        "limit; 0: no limit).",
+    )
+    group.add_argument(
         "--max-queued-requests",
         type=int,
         default=DEFAULT_MAX_QUEUED,
@@ -159,6 +169,14 @@ def _add_serving_args(group) -> None:
         help="How the lean runner's prompt blocks multiply by sym_int4 weights: 'kernel' (the "
         "library's int4 kernel), 'bf16' or 'fp32' (dequantize, then one dense GEMM); 'auto' "
         "(default) times them at start-up and logs the numbers.",
+    )
+    group.add_argument(
+        "--kv-cache-dtype",
+        default=DEFAULT_KV_CACHE_DTYPE,
+        choices=tuple(KV_CACHE_DTYPES),
+        help="What the lean runner's KV caches hold: 'bf16' (default: half of fp32's memory), 'fp32', "
+        "or 'int8' (a quarter of fp32's plus one scale per position and head; attention converts the "
+        "context it reads, so long contexts decode slower). The Hugging Face forward keeps its own cache.",
     )
 
 

@@ -22,15 +22,16 @@ from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for, register
 from fastchat_bigdl.common.chat_template import prompts_need_template
+from fastchat_bigdl.engine.kv_budget import KVBudget, NeverFits, available_memory_bytes, default_kv_budget_bytes
 from fastchat_bigdl.engine.scheduler import Engine
-from fastchat_bigdl.engine.selection import choose_forward
+from fastchat_bigdl.engine.selection import DEFAULT_KV_CACHE_DTYPE, choose_forward
 from fastchat_bigdl.lowbit.backend import resolve_backend
 from fastchat_bigdl.lowbit.devices import empty_cache, place_model, prepare_device, use_physical_cores
 from fastchat_bigdl.lowbit.formats import load_dtype
 from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
-from fastchat_bigdl.worker.generation import token_loop
+from fastchat_bigdl.worker.generation import hf_kv_bytes_per_position, token_loop
 from fastchat_bigdl.worker.prefix_cache import (PrefixCache, default_budget_bytes, kv_bytes_per_token,
                                                 physical_memory_bytes)
 
@@ -52,7 +53,7 @@ def report_failures(stream_func):
         try:
             yield from stream_func(*args, **kwargs)
             return
-        except DeviceOutOfMemory:
+        except (DeviceOutOfMemory, NeverFits):
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client, logged in full here
             logger.exception("generation failed; the worker keeps serving")
@@ -94,6 +95,8 @@ class BigDLModelWorker(upstream.ModelWorker):
         seed: Optional[int] = None,
         forward: str = "auto",
         prefill_recipe: str = "auto",
+        kv_cache_dtype: str = DEFAULT_KV_CACHE_DTYPE,
+        kv_budget_mb: Optional[int] = None,  # None: a share of the memory available after loading; 0: none
     ):
         BaseModelWorker.__init__(self, controller_addr, worker_addr, worker_id, model_path, model_names,
                                  limit_worker_concurrency, conv_template=conv_template)
@@ -113,8 +116,10 @@ class BigDLModelWorker(upstream.ModelWorker):
             "trust_remote_code": trust_remote_code, "optimize_model": optimize_model, "backend": backend,
             "cache": LowBitCache(Path(low_bit_cache)) if low_bit_cache else None})
         self.context_len = get_context_length(self.model.config)
-        self.runner, own_stream = self._choose_decode_path(model_path, backend, forward, prefill_recipe)
+        self.runner, own_stream = self._choose_decode_path(model_path, backend, dict(
+            wanted=forward, prefill_recipe=prefill_recipe, kv_cache_dtype=kv_cache_dtype))
         self.prefix_cache = None if own_stream else self._prefix_cache(prefix_cache_mb)
+        self.engine.kv_budget = None if own_stream else self._kv_budget(kv_budget_mb)
         if own_stream:  # chunk by chunk, in turns with the other streams
             stream = self.engine.streamer(own_stream, batched=False)
         else:  # every stream's loop on the engine thread; its decode steps batched with the others'
@@ -137,7 +142,7 @@ class BigDLModelWorker(upstream.ModelWorker):
             tokenizer.pad_token = tokenizer.eos_token
         return self.engine.call(place_model, model, self.device), tokenizer
 
-    def _choose_decode_path(self, model_path: str, backend, forward: str, prefill_recipe: str):
+    def _choose_decode_path(self, model_path: str, backend, lean_options: dict):
         """(the lean runner or None, the model's own FastChat generate function or None):
         decoder-only LMs run this package's token loop (on the runner where it covers the
         model, else the Hugging Face forward); others keep their own function."""
@@ -148,8 +153,8 @@ class BigDLModelWorker(upstream.ModelWorker):
         else:
             # On the engine thread: building the runner runs the kernels (its probes), and
             # kernels run from a second thread slow every later step.
-            runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, self.device, forward,
-                                                        prefill_recipe)
+            runner, self.decode_path = self.engine.call(choose_forward, self.model, backend, self.device,
+                                                        **lean_options)
             own = None
         self.engine.runner = runner
         logger.info(self.decode_path)
@@ -159,16 +164,43 @@ class BigDLModelWorker(upstream.ModelWorker):
         """None for ``--prefix-cache-mb 0``; ``budget_mb`` None: one full context of KV."""
         if budget_mb is not None:
             return PrefixCache(budget_mb << 20) if budget_mb > 0 else None
-        kv_dtype = self.runner.kv_dtype if self.runner is not None else self.model.dtype
-        per_token = kv_bytes_per_token(self.model.config, kv_dtype.itemsize)
+        if self.runner is not None:
+            per_token = self.runner.kv_bytes_per_position()
+        else:
+            per_token = kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
         budget = default_budget_bytes(per_token, self.context_len, physical_memory_bytes(), self.device)
         logger.info("prefix cache: %d MiB (one %d-token context of this model's KV on CPU, %.2f MiB a token)",
                     budget >> 20, self.context_len, per_token / 2**20)
         return PrefixCache(budget)
 
+    def _kv_budget(self, budget_mb: Optional[int]) -> Optional[KVBudget]:
+        """The bytes of KV the worker may hold (running requests + prefix cache), logged
+        with the longest request that fits."""
+        if budget_mb == 0:
+            logger.info("KV budget: none (--kv-budget-mb 0): memory is not admitted in bytes")
+            return None
+        available = available_memory_bytes()
+        total = default_kv_budget_bytes(available) if budget_mb is None else budget_mb << 20
+        budget = KVBudget(total, cache=self.prefix_cache)
+        if self.prefix_cache is not None:
+            self.prefix_cache.room = budget.cache_room
+        per_position = max(1, self.runner.kv_bytes_per_position() if self.runner is not None
+                           else hf_kv_bytes_per_position(self.model))
+        fits = min(self.context_len, total // per_position)
+        logger.info("KV budget: %d MiB (%s; %d MiB available after loading) for running requests and the prefix "
+                    "cache: %d positions in all%s", total >> 20,
+                    "--kv-budget-mb" if budget_mb is not None else "default: 60%", available >> 20,
+                    total // per_position, "" if fits >= self.context_len else
+                    f"; a request reaching more than {fits} positions is refused")
+        return budget
+
     def generate_stream_gate(self, params):
         try:
             yield from super().generate_stream_gate(params)
+            return
+        except NeverFits as exc:
+            ret = {"text": str(exc), "error_code": ErrorCode.CONTEXT_OVERFLOW}
+            yield json.dumps(ret).encode() + b"\0"
             return
         except GenerationFailed as exc:
             ret = {"text": f"generation failed ({exc}); the worker keeps serving and its log has the details",

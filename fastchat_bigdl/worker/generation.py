@@ -5,6 +5,8 @@ caller's thread in ``generate_stream``), with what FastChat's loop lacks:
 
 - KV prefix reuse (``prefix_cache.PrefixCache``): only the part of the prompt not seen in an
   earlier request is prefilled;
+- memory admitted in bytes: the KV cache a request can reach is reserved (``Reserve``)
+  before anything is allocated, and the engine grants it within the worker's budget;
 - the lean runner (``engine.llama_runner``) in place of the Hugging Face forward, when
   the worker has one for its model;
 - token choice in ``sampler`` (FastChat's processors, an optional ``grammar`` that limits
@@ -21,10 +23,10 @@ import torch
 
 from fastchat_bigdl.engine.kv_cache import HuggingFaceKV, KVCache
 from fastchat_bigdl.engine.llama_runner import LlamaRunner
-from fastchat_bigdl.engine.requests import Compute, Decode, Prefill
+from fastchat_bigdl.engine.requests import Compute, Decode, Prefill, Reserve
 from fastchat_bigdl.engine.scheduler import Engine
 from fastchat_bigdl.worker.output_stream import OutputStream
-from fastchat_bigdl.worker.prefix_cache import PrefixCache
+from fastchat_bigdl.worker.prefix_cache import PrefixCache, kv_bytes_per_token
 from fastchat_bigdl.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,38 @@ def token_loop(model, tokenizer, params: Dict, device: str, context_len: int, st
                       len(input_ids) + max_new_tokens, device)
     sampler.feed(input_ids)
 
+    positions = len(input_ids) + max_new_tokens
+    reservation = yield Reserve(_kv_bytes(model, runner, positions),
+                                f"a request of {len(input_ids)} prompt tokens and up to {max_new_tokens} new ones")
+    try:
+        yield from _run(model, tokenizer, device, prefix_cache, runner, input_ids, output, sampler,
+                        stop_token_ids, max_new_tokens, stream_interval, release=reservation.release)
+    finally:
+        reservation.release()
+
+
+def _kv_bytes(model, runner: Optional[LlamaRunner], positions: int) -> int:
+    """Bytes of KV cache a request of ``positions`` positions can reach: what the lean
+    runner allocates for it; for the Hugging Face forward its cache in the model's dtype."""
+    if runner is not None:
+        return runner.kv_bytes(positions)
+    return hf_kv_bytes_per_position(model) * positions
+
+
+def hf_kv_bytes_per_position(model) -> int:
+    """The Hugging Face forward's KV per position in the model's dtype (0 for a model whose
+    config does not describe attention heads: nothing to reserve by)."""
+    try:
+        return kv_bytes_per_token(model.config, getattr(model, "dtype", torch.float32).itemsize)
+    except AttributeError:
+        return 0
+
+
+def _run(model, tokenizer, device: str, prefix_cache: Optional[PrefixCache], runner: Optional[LlamaRunner],
+         input_ids: List[int], output: OutputStream, sampler: Sampler, stop_token_ids, max_new_tokens: int,
+         stream_interval: int, release):
+    """The request once its KV is reserved; ``release`` gives the reservation back
+    before the finished request's KV goes to the prefix cache (which the budget bounds)."""
     kv, reused = None, 0
     if prefix_cache is not None and not output.wants_prompt_logprobs:  # those need every position's logits
         kv, reused = prefix_cache.take(input_ids, total_positions=len(input_ids) + max_new_tokens)
@@ -116,6 +150,7 @@ def token_loop(model, tokenizer, params: Dict, device: str, context_len: int, st
         yield output.final(finish_reason)
     finally:
         # ``fed`` is exactly what ``kv`` holds; keep it for the next turn.
+        release()
         if prefix_cache is not None and finish_reason is not None:
             prefix_cache.put(fed, kv)
         del kv

@@ -76,6 +76,8 @@ def create_bigdl_worker(args: argparse.Namespace) -> BigDLModelWorker:
         seed=args.seed,
         forward=args.forward,
         prefill_recipe=args.prefill_recipe,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_budget_mb=args.kv_budget_mb,
     )
 
 

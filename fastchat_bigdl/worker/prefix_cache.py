@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from fastchat_bigdl.engine.kv_cache import KVCache
 
@@ -60,6 +60,8 @@ class PrefixCache:
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
+        # What the worker's KV budget leaves it now (``engine.kv_budget``); None: its own budget alone.
+        self.room: Optional[Callable[[], int]] = None
         self._entries: "OrderedDict[int, Tuple[Tuple[int, ...], KVCache, int]]" = OrderedDict()
         self._next_key = 0
         self._lock = threading.Lock()
@@ -102,7 +104,8 @@ class PrefixCache:
         reusable = kv.reusable
         kv = kv.prefix(reusable)  # what can be reused, and no spare room
         size = kv.nbytes
-        if size > self.budget_bytes:
+        cap = self.budget_bytes if self.room is None else min(self.budget_bytes, self.room())
+        if size > cap:
             return
         ids = tuple(token_ids[:reusable])
         with self._lock:
@@ -111,10 +114,19 @@ class PrefixCache:
                 del self._entries[key]
             self._entries[self._next_key] = (ids, kv, size)
             self._next_key += 1
-            total = sum(s for _, _, s in self._entries.values())
-            while total > self.budget_bytes and len(self._entries) > 1:
-                _, (_, _, evicted) = self._entries.popitem(last=False)
-                total -= evicted
+            self._evict_to(cap, keep=1)
+
+    def _evict_to(self, nbytes: int, keep: int = 0) -> None:
+        """Drop least recently used entries until at most ``nbytes`` are held (or ``keep`` entries are left)."""
+        total = sum(s for _, _, s in self._entries.values())
+        while total > nbytes and len(self._entries) > keep:
+            _, (_, _, evicted) = self._entries.popitem(last=False)
+            total -= evicted
+
+    def shrink_to(self, nbytes: int) -> None:
+        """Room for a running request's KV (``engine.kv_budget``)."""
+        with self._lock:
+            self._evict_to(max(0, nbytes))
 
     def clear(self) -> None:
         with self._lock:

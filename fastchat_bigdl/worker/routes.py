@@ -40,6 +40,7 @@ def extra_worker_routes(worker) -> APIRouter:
         engine = worker.engine
         return {"decode_path": worker.decode_path, "decode_steps": engine.steps, "decode_rows": engine.batched_rows,
                 "rows_per_step": engine.batched_rows / engine.steps if engine.steps else None,
-                "active_streams": engine.active_streams}
+                "active_streams": engine.active_streams,
+                "kv_budget": engine.kv_budget.stats() if engine.kv_budget is not None else None}
 
     return router

@@ -1,0 +1,140 @@
+"""Memory admitted in bytes: the KV caches a worker holds (running requests' and the
+prefix cache's) stay within one budget, so a flood of long requests waits instead of
+growing the process until the kernel's OOM killer ends it.
+
+A request reserves the bytes its KV cache can reach (prompt + ``max_new_tokens``
+positions, allocated once by the lean runner) before it allocates anything; the engine
+grants reservations in arrival order (a large request is not starved by smaller ones
+behind it), evicting prefix-cache entries (least recently used first) to make room; a
+request that does not fit waits in the queue, and one larger than the whole budget is
+refused at once with the numbers (``NeverFits``). The default budget is a share of the
+memory available when the worker has loaded its model (``default_kv_budget_bytes``,
+counting a cgroup's limit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+AVAILABLE_SHARE = 0.6  # of the memory available after loading: the rest for activations, logits, the runtime
+MIN_BUDGET_BYTES = 64 << 20
+
+
+class NeverFits(Exception):
+    """A request whose KV cache alone exceeds the worker's whole budget. Deliberately not
+    a ValueError: FastChat's worker answers those as a network error."""
+
+
+class Evictable(Protocol):
+    """The prefix cache, as the budget sees it."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def shrink_to(self, nbytes: int) -> None: ...
+
+
+@dataclass
+class KVBudget:
+    total: int
+    cache: Optional[Evictable] = None
+    reserved: int = 0  # by running requests
+    peak: int = 0  # largest reserved + cached seen
+    granted: int = 0
+    waited: int = 0  # reservations that could not be granted at once
+
+    @property
+    def cached(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
+    def check(self, nbytes: int, what: str) -> None:
+        if nbytes > self.total:
+            raise NeverFits(f"{what} needs {_mib(nbytes)} of KV cache, more than this worker's whole budget of "
+                            f"{_mib(self.total)}; ask for fewer tokens (max_tokens) or start the worker with a "
+                            f"larger --kv-budget-mb")
+
+    def try_reserve(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they fit beside the running requests, evicting prefix-cache
+        entries as needed; False if they do not fit yet."""
+        if self.reserved + nbytes > self.total:
+            return False
+        if self.cache is not None and self.reserved + nbytes + self.cached > self.total:
+            self.cache.shrink_to(self.total - self.reserved - nbytes)
+        self.reserved += nbytes
+        self.granted += 1
+        self.peak = max(self.peak, self.reserved + self.cached)
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.reserved -= nbytes
+
+    def cache_room(self) -> int:
+        """What the prefix cache may hold now."""
+        return max(0, self.total - self.reserved)
+
+    def stats(self) -> dict:
+        return {"budget_bytes": self.total, "reserved_bytes": self.reserved, "cached_bytes": self.cached,
+                "peak_bytes": self.peak, "granted": self.granted, "waited": self.waited}
+
+
+class Reservation:
+    """Granted bytes, given back once by ``release`` (``budget`` None: nothing was held)."""
+
+    def __init__(self, budget: Optional[KVBudget], nbytes: int):
+        self.budget, self.nbytes = budget, nbytes
+
+    def release(self) -> None:
+        if self.budget is not None:
+            self.budget.release(self.nbytes)
+            self.budget = None
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = Path("/sys/fs/cgroup"),
+                           own_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """Memory this process may still take: the kernel's MemAvailable, or less where a
+    memory cgroup limit (v2 on this process's group or an ancestor; v1 where mounted)
+    leaves less."""
+    available = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        import os
+
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for limit_file, usage_file in _cgroup_limits(cgroup_root, own_cgroup):
+        try:
+            limit = limit_file.read_text().strip()
+            if limit != "max":
+                available = min(available, int(limit) - int(usage_file.read_text()))
+        except (OSError, ValueError):
+            continue
+    return max(0, available)
+
+
+def _cgroup_limits(root: Path, own: Path):
+    """(limit file, usage file) of every memory cgroup that bounds this process."""
+    v1 = root / "memory"
+    pairs = [(v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes")]
+    try:
+        line = next(x for x in own.read_text().splitlines() if x.startswith("0::"))
+    except (OSError, StopIteration):
+        return pairs
+    group = root / line[3:].strip().lstrip("/")
+    for level in [group, *group.parents]:
+        pairs.append((level / "memory.max", level / "memory.current"))
+        if level == root:
+            break
+    return pairs
+
+
+def default_kv_budget_bytes(available: int) -> int:
+    return max(MIN_BUDGET_BYTES, int(available * AVAILABLE_SHARE))
