@@ -91,6 +91,19 @@ def test_logprobs_cover_each_generated_token(tok):
     assert all(v <= 0 for v in lp["token_logprobs"]) and "".join(lp["tokens"]) == last["text"]
     echoed = run(tok, "one two", logprobs=1, echo=True, max_new_tokens=2)[-1]["logprobs"]
     assert echoed["token_logprobs"][0] is None and len(echoed["tokens"]) == len(tok("hello").input_ids) + 2
+    assert echoed["top_logprobs"][0] == {} and all(len(top) == 1 for top in echoed["top_logprobs"][1:])
+
+
+def test_top_logprobs_list_the_likeliest_tokens_of_each_step(tok):
+    """``logprobs: N``: each generated token's N likeliest alternatives, likeliest first;
+    greedy picks the first, so its logprob is that one's."""
+    lp = run(tok, "one two three", logprobs=3, max_new_tokens=4, temperature=0)[-1]["logprobs"]
+    assert len(lp["top_logprobs"]) == len(lp["tokens"]) == 4
+    for chosen, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        values = list(top.values())
+        assert 1 <= len(top) <= 3 and values == sorted(values, reverse=True)
+        assert value == pytest.approx(values[0]) and top.get(chosen) == pytest.approx(value)
+    assert all(top == {} for top in run(tok, "one two", logprobs=0, max_new_tokens=2)[-1]["logprobs"]["top_logprobs"])
 
 
 def biased_logits(vocab, a, b):

@@ -117,3 +117,17 @@ def test_a_request_larger_than_the_whole_budget_is_refused_and_the_next_one_runs
         list(loop(model, tokenizer, {"prompt": prompt(1), "max_new_tokens": 100, "temperature": 0}, "cpu", 256, 1))
     *_, last = loop(model, tokenizer, {"prompt": "the fox", "max_new_tokens": 8, "temperature": 0}, "cpu", 256, 1)
     assert last["finish_reason"] in ("stop", "length") and engine.kv_budget.reserved == 0
+
+
+def test_a_reservation_granted_to_a_stream_whose_client_left_is_given_back():
+    from fastchat_bigdl.engine.requests import Reserve
+    from fastchat_bigdl.engine.scheduler import _Stream
+
+    engine = Engine(inline=True)
+    engine.kv_budget = budget = KVBudget(100)
+    stream = _Stream(lambda: iter(()), batched=True)
+    stream.request = Reserve(60)
+    engine._grant_reservations([stream])
+    assert budget.reserved == 60 and stream.request is None  # granted, not yet delivered
+    engine._close(stream)  # the client went away before the loop's next turn
+    assert budget.reserved == 0

@@ -1,7 +1,8 @@
 """What FastChat's chat handler drops, through the real stack: ``seed`` (the same seeded
 request at temperature 1 gives the same tokens again, streamed or not, alone or while
-other requests run; each of ``n`` choices has its own) and
-``stream_options.include_usage`` (a last chunk with the usage and no choices)."""
+other requests run; each of ``n`` choices has its own),
+``stream_options.include_usage`` (a last chunk with the usage and no choices) and
+``logprobs``/``top_logprobs`` (OpenAI's chat shape, streamed and not)."""
 import concurrent.futures
 import json
 
@@ -79,7 +80,37 @@ def test_include_usage_ends_the_stream_with_the_usage(stack):
 
 @pytest.mark.parametrize("body,words", [({"seed": "seven"}, "'seed' must be an integer"),
                                         ({"seed": 1.5}, "'seed' must be an integer"),
-                                        ({"stream_options": {"include_usage": "yes"}}, "stream_options")])
+                                        ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
+                                        ({"logprobs": 3}, "'logprobs' must be true or false"),
+                                        ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+                                        ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs'")])
 def test_bad_seeds_and_stream_options_get_a_400(stack, body, words):
     r = requests.post(stack.base_url + "/chat/completions", json={"model": M, "messages": ASK, **body}, timeout=60)
     assert r.status_code == 400 and words in r.json()["message"]
+
+
+def test_chat_logprobs_give_each_generated_token_and_its_alternatives(stack):
+    """Greedy: every chosen token is its step's most likely one, so its logprob is the first
+    of its ``top_logprobs`` (at most as many as asked, most likely first); one entry per
+    generated token; the stream carries the same entries spread over its chunks."""
+    body = {"temperature": 0, "logprobs": True, "top_logprobs": 3}
+    whole = chat(stack, **body).json()
+    choice = whole["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == whole["usage"]["completion_tokens"] > 0
+    # a token's text as decoded alone (part of a character shows as U+FFFD, as in OpenAI's)
+    whole_tokens = [e["token"] for e in content if "\ufffd" not in e["token"]]
+    assert all(t in choice["message"]["content"] for t in whole_tokens)
+    for entry in content:
+        top = entry["top_logprobs"]
+        assert 1 <= len(top) <= 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert entry["logprob"] == pytest.approx(top[0]["logprob"]) and entry["logprob"] <= 0
+        assert entry["bytes"] == list(entry["token"].encode("utf-8"))
+    _, events = streamed(chat(stack, stream=True, **body))
+    streamed_content = [e for ev in events for c in ev["choices"] for e in (c.get("logprobs") or {}).get("content", [])]
+    assert streamed_content == content
+    plain = chat(stack, temperature=0).json()
+    assert plain["choices"][0].get("logprobs") is None  # only when asked
+    only_chosen = chat(stack, temperature=0, logprobs=True).json()["choices"][0]["logprobs"]["content"]
+    assert [e["logprob"] for e in only_chosen] == [e["logprob"] for e in content]
+    assert all(e["top_logprobs"] == [] for e in only_chosen)

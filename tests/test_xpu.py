@@ -70,7 +70,8 @@ def test_a_worker_on_xpu_serves_the_fp16_model_on_the_gpu_with_the_librarys_forw
                                                                                        caplog):
     """What the user sees at start-up on an Intel GPU: the model in fp16 on xpu, the
     library's fused Hugging Face forward (the lean runner is CPU-only, and says why), a
-    GPU-sized prefix cache, and device memory released after loading."""
+    GPU-sized prefix cache, no KV budget from the host's memory, and device memory
+    released after loading."""
     import fastchat_bigdl
     from transformers import AutoConfig, AutoTokenizer
 
@@ -87,6 +88,8 @@ def test_a_worker_on_xpu_serves_the_fp16_model_on_the_gpu_with_the_librarys_forw
     assert "device xpu" in worker.decode_path
     assert worker.prefix_cache.budget_bytes == 1 << 30 and "prefix cache: 1024 MiB" in caplog.text
     assert fake_xpu.empty_cache.called  # after moving the weights
+    # the host's free memory says nothing of the GPU's: no KV budget unless one is given
+    assert worker.engine.kv_budget is None and "KV budget: none by default on xpu" in caplog.text
 
 
 def test_the_lean_runner_on_xpu_is_refused_with_the_reason(fake_xpu, mocker, tiny_llama):

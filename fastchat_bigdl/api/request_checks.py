@@ -65,6 +65,7 @@ def check_chat(data: dict) -> None:
     newer, older = data.get("max_completion_tokens"), data.get("max_tokens")
     if newer is not None and older is not None and newer != older:
         raise Invalid("'max_completion_tokens' (the newer name of 'max_tokens') and 'max_tokens' disagree; send one")
+    _check_chat_logprobs(data)
     messages = data.get("messages")
     if isinstance(messages, str) and messages:
         return  # FastChat's extension: a raw prompt
@@ -82,6 +83,16 @@ def check_chat(data: dict) -> None:
         _check_content(i, message)
     if uses_tools_or_json(data):
         tool_request(data)
+
+
+def _check_chat_logprobs(data: dict) -> None:
+    logprobs = data.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise Invalid("'logprobs' must be true or false on chat completions (the number of alternatives is "
+                      "'top_logprobs')")
+    check_number(data, "top_logprobs", integer=True, low=0, high=20)
+    if data.get("top_logprobs") is not None and not logprobs:
+        raise Invalid("'top_logprobs' needs 'logprobs': true")
 
 
 def check_completion(data: dict) -> None:

@@ -1,7 +1,7 @@
 """FastChat's OpenAI API server (same flags, routes and behaviour), with request validation
 in front of it so bad input gets a 4xx in FastChat's error schema instead of a 500 and a
-stack trace, clear errors for failures behind it, and OpenAI tool calling (``tools``,
-``tool_choice``, legacy ``functions``) with schema-constrained calls."""
+stack trace, clear errors for failures behind it, OpenAI tool calling (``tools``,
+``tool_choice``, legacy ``functions``) with schema-constrained calls, and ``/v1/responses``."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.api import API_KEYS_ENV, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_ENV
 from fastchat_bigdl.api.request_checks import OPENAI_CHECKS, chat_defaults
+from fastchat_bigdl.api.responses import router as responses_router
 from fastchat_bigdl.api.server_errors import ClearServerErrors
 from fastchat_bigdl.api.tool_calling.route import RouteToolRequests, router as tool_router
 from fastchat_bigdl.common.app_runner import run_app
@@ -37,6 +38,7 @@ def build_app() -> FastAPI:
     app = upstream.app
     if not getattr(app.state, "fastchat_bigdl", False):
         app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
+        app.include_router(responses_router)  # /v1/responses, over the chat completions above
         app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
         app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS,
                            defaults={"/v1/chat/completions": chat_defaults(default_max_tokens())})

@@ -154,7 +154,10 @@ class Engine:
 
     @staticmethod
     def _close(stream: _Stream) -> None:
-        """Close a loop (its cleanup runs here); a loop failing to close is only logged."""
+        """Close a loop (its cleanup runs here); a loop failing to close is only logged.
+        A reservation granted but not yet delivered to the loop is given back here."""
+        if isinstance(stream.reply, Reservation):
+            stream.reply.release()
         if stream.loop is not None:
             try:
                 stream.loop.close()
@@ -260,11 +263,12 @@ class Engine:
 
     def _prefill_layers(self, stream: _Stream, seconds: float) -> None:
         """Layers of ``stream``'s current prefill block (its next block-aligned piece of
-        the prompt) for about ``seconds`` (this turn's decode step), at least one: a long
-        prompt delays the decoding streams by about one step a turn. Answered after the
-        last layer of the last block."""
+        the prompt) for at most ``seconds`` (this turn's decode step), at least one: a
+        long prompt delays the decoding streams by about one step a turn. A layer is not
+        started when one like the last would overrun. Answered after the last layer of
+        the last block."""
         request: Prefill = stream.request
-        deadline = time.perf_counter() + seconds
+        started = time.perf_counter()
         try:
             if stream.block is None:
                 room = self.runner.block_room(request.kv)
@@ -273,8 +277,10 @@ class Engine:
                 stream.block = self.runner.prefill_block_steps(piece, request.kv, all_logits=request.all_logits,
                                                                next_logits=stream.block_is_last)
             while True:
+                before = time.perf_counter()
                 next(stream.block)
-                if time.perf_counter() >= deadline:
+                now = time.perf_counter()
+                if now - started + (now - before) > seconds:  # another layer like it would overrun
                     return
         except StopIteration as done:
             logits = done.value

@@ -179,6 +179,10 @@ class BigDLModelWorker(upstream.ModelWorker):
         if budget_mb == 0:
             logger.info("KV budget: none (--kv-budget-mb 0): memory is not admitted in bytes")
             return None
+        if budget_mb is None and not str(self.device).startswith("cpu"):
+            logger.info("KV budget: none by default on %s (its memory is not the host's); set --kv-budget-mb",
+                        self.device)
+            return None
         available = available_memory_bytes()
         total = default_kv_budget_bytes(available) if budget_mb is None else budget_mb << 20
         budget = KVBudget(total, cache=self.prefix_cache)

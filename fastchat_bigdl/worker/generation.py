@@ -103,11 +103,30 @@ def token_loop(model, tokenizer, params: Dict, device: str, context_len: int, st
     positions = len(input_ids) + max_new_tokens
     reservation = yield Reserve(_kv_bytes(model, runner, positions),
                                 f"a request of {len(input_ids)} prompt tokens and up to {max_new_tokens} new ones")
+    kv, reused, finish_reason = None, 0, None
     try:
-        yield from _run(model, tokenizer, device, prefix_cache, runner, input_ids, output, sampler,
-                        stop_token_ids, max_new_tokens, stream_interval, release=reservation.release)
+        if prefix_cache is not None and not output.wants_prompt_logprobs:  # those need every position's logits
+            kv, reused = prefix_cache.take(input_ids, total_positions=positions)
+            logger.info("prompt %d tokens: %d reused from the prefix cache, %d to prefill",
+                        len(input_ids), reused, len(input_ids) - reused)
+        if kv is None:
+            kv = runner.new_sequence(positions) if runner is not None else HuggingFaceKV()
+        prefill, decode = _model_calls(model, runner, kv, device)
+        fed = list(input_ids)  # what ``kv`` holds once the pending call is answered
+        if max_new_tokens > 0:
+            finish_reason = yield from _generate(output, sampler, stop_token_ids, max_new_tokens, stream_interval,
+                                                 input_ids, reused, fed, prefill, decode)
+        finish_reason = finish_reason or "length"
+        yield output.final(finish_reason)
     finally:
+        # The reservation goes back first: the prefix cache the finished KV goes to is
+        # bounded by what running requests leave. ``fed`` is exactly what ``kv`` holds.
         reservation.release()
+        if prefix_cache is not None and finish_reason is not None:
+            prefix_cache.put(fed, kv)
+        del kv
+        if str(device).startswith("xpu"):
+            torch.xpu.empty_cache()
 
 
 def _kv_bytes(model, runner: Optional[LlamaRunner], positions: int) -> int:
@@ -125,34 +144,3 @@ def hf_kv_bytes_per_position(model) -> int:
         return kv_bytes_per_token(model.config, getattr(model, "dtype", torch.float32).itemsize)
     except AttributeError:
         return 0
-
-
-def _run(model, tokenizer, device: str, prefix_cache: Optional[PrefixCache], runner: Optional[LlamaRunner],
-         input_ids: List[int], output: OutputStream, sampler: Sampler, stop_token_ids, max_new_tokens: int,
-         stream_interval: int, release):
-    """The request once its KV is reserved; ``release`` gives the reservation back
-    before the finished request's KV goes to the prefix cache (which the budget bounds)."""
-    kv, reused = None, 0
-    if prefix_cache is not None and not output.wants_prompt_logprobs:  # those need every position's logits
-        kv, reused = prefix_cache.take(input_ids, total_positions=len(input_ids) + max_new_tokens)
-        logger.info("prompt %d tokens: %d reused from the prefix cache, %d to prefill",
-                    len(input_ids), reused, len(input_ids) - reused)
-    if kv is None:
-        kv = runner.new_sequence(len(input_ids) + max_new_tokens) if runner is not None else HuggingFaceKV()
-    prefill, decode = _model_calls(model, runner, kv, device)
-    fed = list(input_ids)  # what ``kv`` holds once the pending call is answered
-    finish_reason = None
-    try:
-        if max_new_tokens > 0:
-            finish_reason = yield from _generate(output, sampler, stop_token_ids, max_new_tokens, stream_interval,
-                                                 input_ids, reused, fed, prefill, decode)
-        finish_reason = finish_reason or "length"
-        yield output.final(finish_reason)
-    finally:
-        # ``fed`` is exactly what ``kv`` holds; keep it for the next turn.
-        release()
-        if prefix_cache is not None and finish_reason is not None:
-            prefix_cache.put(fed, kv)
-        del kv
-        if str(device).startswith("xpu"):
-            torch.xpu.empty_cache()

@@ -55,6 +55,7 @@ class OutputStream:
         self.generated = 0
         self.token_logprobs: List[Optional[float]] = []
         self.tokens_text: List[str] = []
+        self.top_logprobs: List[Dict[str, float]] = []  # the ``logprobs`` most likely tokens at each step
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -65,13 +66,27 @@ class OutputStream:
         shifted = torch.log_softmax(all_logits[:-1, :].float(), dim=-1)
         self.token_logprobs = [None] + shifted.gather(1, torch.as_tensor(input_ids[1:])[:, None])[:, 0].tolist()
         self.tokens_text = [self.tokenizer.decode([t]) for t in input_ids]
+        self.top_logprobs = [{}] + [self._top(row) for row in shifted]
 
     def count(self, token: int, logits: torch.Tensor) -> None:
         """A generated token (stop tokens too: they count, and have a logprob)."""
         self.generated += 1
         if self.logprobs is not None:
-            self.token_logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            self.token_logprobs.append(float(logprobs[token]))
             self.tokens_text.append(self.tokenizer.decode([token]))
+            self.top_logprobs.append(self._top(logprobs))
+
+    def _top(self, logprobs: torch.Tensor) -> Dict[str, float]:
+        """The ``logprobs`` most likely tokens' texts and logprobs (most likely first; tokens
+        with the same text keep the likelier one)."""
+        if not self.logprobs:
+            return {}
+        values, ids = logprobs.topk(int(self.logprobs))
+        top: Dict[str, float] = {}
+        for value, index in zip(values.tolist(), ids.tolist()):
+            top.setdefault(self.tokenizer.decode([index]), value)
+        return top
 
     def extend(self, token: int) -> bool:
         """Add a counted token's text; True when a stop string ends the output (cut there)."""
@@ -102,7 +117,7 @@ class OutputStream:
                 offsets.append(pos)
                 pos += len(piece)
             ret_logprobs = {"text_offset": offsets, "tokens": list(self.tokens_text),
-                            "token_logprobs": list(self.token_logprobs), "top_logprobs": [{}] * len(self.tokens_text)}
+                            "token_logprobs": list(self.token_logprobs), "top_logprobs": list(self.top_logprobs)}
         return {
             "text": self.prompt + text if self.echo else text,
             "logprobs": ret_logprobs,

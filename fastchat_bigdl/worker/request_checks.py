@@ -15,6 +15,7 @@ def check_worker_generate(data: dict) -> None:
         check_number(data, key, low=0)
     check_number(data, "top_k", integer=True)
     check_number(data, "max_new_tokens", integer=True, low=1)
+    check_number(data, "logprobs", integer=True, low=0, high=20)
     check_number(data, "seed", integer=True, low=-(1 << 63), high=(1 << 64) - 1)
     check_stop(data)
     ids = data.get("stop_token_ids")

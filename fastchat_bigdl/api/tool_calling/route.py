@@ -83,10 +83,44 @@ def _message(reply: ParsedReply, request: ToolRequest) -> (Dict[str, Any], Optio
     return message, "tool_calls"
 
 
-def _chunk(completion_id: str, model: str, index: int, delta: dict, finish_reason=None) -> str:
+def _chunk(completion_id: str, model: str, index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+            "choices": [choice]}
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def chat_logprobs(worker_logprobs: Optional[dict], start: int = 0) -> Optional[dict]:
+    """OpenAI's chat ``logprobs`` ({"content": [{token, logprob, bytes, top_logprobs}]})
+    from the worker's completion-style ones, for the tokens from ``start`` on."""
+    if worker_logprobs is None:
+        return None
+    tokens = worker_logprobs["tokens"][start:]
+    values = worker_logprobs["token_logprobs"][start:]
+    tops = worker_logprobs.get("top_logprobs") or [{}] * len(worker_logprobs["tokens"])
+    return {"content": [{"token": token, "logprob": value, "bytes": list(token.encode("utf-8")),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                                          for t, lp in (top or {}).items()]}
+                        for token, value, top in zip(tokens, values, tops[start:])]}
+
+
+class _LogprobsSent:
+    """How many tokens' logprobs a streamed choice has sent: each chunk carries the new ones."""
+
+    def __init__(self, wanted: bool):
+        self.wanted, self.sent, self.latest = wanted, 0, None
+
+    def update(self, content: dict) -> None:
+        self.latest = content.get("logprobs") or self.latest
+
+    def new(self) -> Optional[dict]:
+        if not self.wanted or self.latest is None:
+            return None
+        new = chat_logprobs(self.latest, self.sent)
+        self.sent = len(self.latest["tokens"])
+        return new
 
 
 def _call_deltas(message: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -122,6 +156,7 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
     for index in range(n):
         yield _chunk(completion_id, model, index, {"role": "assistant"})
         splitter, text, finish_reason, content = StreamSplitter(fmt), "", None, {}
+        logprobs = _LogprobsSent(gen_params.get("logprobs") is not None)
         async for content in upstream.generate_completion_stream(_choice_params(gen_params, index), worker_addr):
             if content.get("error_code", 0) != 0:
                 error = {"object": "error", "message": content["text"], "code": content["error_code"]}
@@ -130,16 +165,17 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
                 return
             text = content["text"].replace("\ufffd", "")
             finish_reason = content.get("finish_reason") or finish_reason
+            logprobs.update(content)
             delta = splitter.content_delta(text)
             if delta:
-                yield _chunk(completion_id, model, index, {"content": delta})
+                yield _chunk(completion_id, model, index, {"content": delta}, logprobs=logprobs.new())
         reply = _reply_of(text, finish_reason, names, fmt)
         message, call_finish = _message(reply, request)
         if not reply.calls and len(text) > splitter.sent:  # held back but not a call after all
-            yield _chunk(completion_id, model, index, {"content": text[splitter.sent:]})
+            yield _chunk(completion_id, model, index, {"content": text[splitter.sent:]}, logprobs=logprobs.new())
         for delta in _call_deltas(message):
             yield _chunk(completion_id, model, index, delta)
-        yield _chunk(completion_id, model, index, {}, call_finish or finish_reason or "stop")
+        yield _chunk(completion_id, model, index, {}, call_finish or finish_reason or "stop", logprobs=logprobs.new())
         _add_usage(usage, content)
     if include_usage:
         yield _usage_chunk(completion_id, model, usage)
@@ -153,7 +189,8 @@ def _generation_params(data: dict, rendered: Prompt, template: Optional[dict], r
     offered, fmt = request.offered(), rendered.fmt
     structured = request.constrained or request.reply is not None
     gen_params = {
-        "model": data["model"], "prompt": rendered.text, "echo": False, "logprobs": None,
+        "model": data["model"], "prompt": rendered.text, "echo": False,
+        "logprobs": int(data.get("top_logprobs") or 0) if data.get("logprobs") else None,
         "temperature": _param(data, "temperature"), "top_p": _param(data, "top_p"), "top_k": _param(data, "top_k"),
         "presence_penalty": _param(data, "presence_penalty"),
         "frequency_penalty": _param(data, "frequency_penalty"),
@@ -220,7 +257,8 @@ async def chat_completions_with_tools(raw: Request):
         finish_reason = content.get("finish_reason") or "stop"
         reply = _reply_of(content["text"], finish_reason, names, fmt)
         message, call_finish = _message(reply, request)
-        choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason})
+        choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason,
+                        "logprobs": chat_logprobs(content.get("logprobs")) if data.get("logprobs") else None})
         _add_usage(usage, content)
     return {"id": f"chatcmpl-{shortuuid.random()}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage}
@@ -235,8 +273,9 @@ def wants_usage_chunk(data: dict) -> bool:
 
 def needs_this_handler(data: dict) -> bool:
     """Tools or JSON (``spec.uses_tools_or_json``), or what FastChat's handler drops: a
-    ``seed``, ``stream_options.include_usage``."""
-    return uses_tools_or_json(data) or data.get("seed") is not None or wants_usage_chunk(data)
+    ``seed``, ``stream_options.include_usage``, ``logprobs``."""
+    return (uses_tools_or_json(data) or data.get("seed") is not None or wants_usage_chunk(data)
+            or bool(data.get("logprobs")))
 
 
 async def renders_with_template(model: Any) -> bool:
