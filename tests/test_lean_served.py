@@ -66,8 +66,10 @@ def test_greedy_answers_do_not_depend_on_the_cache_or_on_other_requests(demo_pat
         warm = requests.post(stack.base_url + "/chat/completions", json=body, timeout=300).json()
     log = (tmp_path / "worker.out").read_text()
     assert "decode path: lean Llama runner" in log
-    # the default budget: one full context of this model's KV (8192 x 45 KiB), at least 1 GiB
-    assert "prefix cache: 1024 MiB (one 8192-token context of this model's KV on CPU, 0.04 MiB a token)" in log
+    # the default budget: one full context of this model's bf16 KV (8192 x 22.5 KiB), at least 1 GiB
+    assert "prefix cache: 1024 MiB (one 8192-token context of this model's KV on CPU, 0.02 MiB a token)" in log
+    assert "KV cache bf16, 22.5 KiB a position" in log  # the default type, in the decode-path line
+    assert "KV budget: " in log and "(default: 60%" in log
     assert all(alone), alone
     assert again == alone
     assert together == alone
