@@ -79,7 +79,7 @@ def test_the_worker_loads_and_generates_on_its_model_thread(tiny_llama, mocker, 
         mocker.patch.object(owner, name, side_effect=recording)
 
     if worker.runner is not None:
-        record(worker.runner, "prefill_block")
+        record(worker.runner, "prefill_block_steps")  # what the engine runs a prompt block through
         record(worker.runner, "decode")
     else:
         record(worker.model, "forward")

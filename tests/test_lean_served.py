@@ -75,7 +75,9 @@ def test_greedy_answers_do_not_depend_on_the_cache_or_on_other_requests(demo_pat
     assert together == alone
     assert before["rows_per_step"] == 1  # alone: one stream a step
     rows, steps = after["decode_rows"] - before["decode_rows"], after["decode_steps"] - before["decode_steps"]
-    assert rows / steps > 2  # together: the streams shared batched steps
+    # together: the streams shared batched steps (fewer than before prefill layers were
+    # interleaved with decode steps: streams now reach decoding one prefill at a time)
+    assert rows / steps > 1.25
     with running_stack(model_path=str(demo_path), model_name="SmolLM2-135M-Instruct",
                        log_dir=tmp_path / "cold") as stack:
         cold = requests.post(stack.base_url + "/chat/completions", json=body, timeout=300).json()

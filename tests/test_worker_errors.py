@@ -42,6 +42,6 @@ def test_injected_fault_is_one_clear_line_then_the_worker_serves_on(worker, mock
 
 
 def test_non_streaming_generation_reports_the_same_way(worker, mocker):
-    mocker.patch.object(worker.runner, "prefill_block", side_effect=IndexError("index 7 is out of range"))
+    mocker.patch.object(worker.runner, "prefill_block_steps", side_effect=IndexError("index 7 is out of range"))
     result = worker.generate_gate(dict(PARAMS))
     assert result["error_code"] == 50001 and "IndexError: index 7 is out of range" in result["text"]
