@@ -108,3 +108,24 @@ def test_json_output_and_clear_errors(client):
     missing = requests.post(stack.base_url + "/responses", json={"model": "no-such-model", "input": "hi"},
                             headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert missing.status_code == 400 and missing.json()["code"] == 40301
+
+
+@pytest.mark.slow
+def test_a_client_leaving_a_stream_stops_its_generation(client):
+    """The chat request behind a streamed response is cancelled with it: the worker stops
+    generating instead of running to max_output_tokens for nobody."""
+    from helpers import wait_for, worker_address
+
+    _, stack = client
+    stats = lambda: requests.post(worker_address(stack) + "/worker_engine_stats", timeout=10).json()  # noqa: E731
+    # greedy: this prompt's answer runs to the limit (a sampled one may end early by chance)
+    body = {"model": M, "input": "tell me a long story", "max_output_tokens": 3000, "stream": True, "temperature": 0}
+    with requests.post(stack.base_url + "/responses", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if b"response.output_text.delta" in line:
+                break
+        running = stats()
+    assert running["active_streams"] == 1  # it was generating when the client left
+    wait_for(lambda: stats()["active_streams"] == 0, 10, "the abandoned generation to stop")
+    assert stats()["decode_steps"] - running["decode_steps"] < 1500  # far short of 3,000 tokens

@@ -145,15 +145,19 @@ async def _call_app(app, path: str, body: Dict[str, Any], headers: List[Tuple[by
         raise RuntimeError("the chat completions app ended without an answer")
 
     async def chunks() -> AsyncIterator[bytes]:
-        while True:
-            message = await queue.get()
-            if isinstance(message, asyncio.Task):
-                return
-            if message.get("type") == "http.response.body":
-                if message.get("body"):
-                    yield message["body"]
-                if not message.get("more_body", False):
+        try:
+            while True:
+                message = await queue.get()
+                if isinstance(message, asyncio.Task):
                     return
+                if message.get("type") == "http.response.body":
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body", False):
+                        return
+        finally:  # our client went away mid-stream: stop the chat request (and its generation)
+            if not task.done():
+                task.cancel()
 
     return first["status"], chunks()
 
