@@ -89,6 +89,33 @@ def test_a_dying_child_is_reported_and_the_rest_stopped(tiny_llama, tmp_path):
         proc.kill()
 
 
+def test_a_worker_whose_port_is_taken_before_it_binds_starts_again_on_another(tiny_llama, tmp_path):
+    """serve picks the worker's port, the worker binds it only once its model is loaded;
+    another process taking it meanwhile costs a restart, not the stack."""
+    from fastchat_bigdl.stack.serve import Stack
+
+    stack = Stack(model_path=str(tiny_llama), model_name="tiny", log_dir=tmp_path, port=free_port())
+    planned = stack.plan
+
+    with socket.socket() as thief:
+        def plan_and_take_the_workers_port():
+            children = planned()
+            argv = next(c for c in children if c.name == "worker").argv
+            thief.bind(("127.0.0.1", int(argv[argv.index("--port") + 1])))
+            thief.listen()
+            return children
+
+        stack.plan = plan_and_take_the_workers_port
+        stack.start()
+        try:
+            stack.wait_ready(240, progress=lambda line: None)
+            assert chat(stack.base_url, "tiny").status_code == 200
+            log = (tmp_path / "worker.out").read_text()
+            assert "address already in use" in log and "its port was taken before it could bind" in log
+        finally:
+            stack.stop()
+
+
 def test_port_in_use_is_a_clear_error(tiny_llama, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ WORKER_API_TIMEOUT = 600
 STOP_GRACE_SECONDS = 10
 AUTO_LOW_BIT = "auto"  # no --low-bit for the worker: sym_int4, or what a .gguf file's quantization suggests
 PROGRESS_MARKERS = ("fastchat_bigdl", "Converting", "Traceback", "Error", "error:")
+PORT_RETRIES = 3  # restarts of a worker whose port another process took before it bound
 
 
 class StackError(RuntimeError):
@@ -139,6 +140,7 @@ class Stack:
     children: List[Child] = field(default_factory=list)
     controller_url: str = ""
     _reported: set = field(default_factory=set)
+    _port_retries: int = 0
 
     @property
     def api_module(self) -> str:
@@ -223,7 +225,7 @@ class Stack:
         (once, through ``report``) and the survivors keep serving."""
         live_workers = [c for c in self.worker_children if c.alive()]
         for child in self.children:
-            if child.alive():
+            if child.alive() or self._restarted_on_another_port(child):
                 continue
             code = child.proc.returncode if child.proc else None
             message = (f"the {child.name} process exited (code {code}); its last log lines "
@@ -234,6 +236,21 @@ class Stack:
                     report(message + f"\n{len(live_workers)} worker(s) keep serving")
                 continue
             raise StackError(message)
+
+    def _restarted_on_another_port(self, child: Child) -> bool:
+        """A worker binds its port only once its model is loaded, seconds after ``plan``
+        found the port free; if another process took it meanwhile, the worker starts
+        again on a new port (a few times at most)."""
+        if (child not in self.worker_children or self._port_retries >= PORT_RETRIES
+                or "address already in use" not in child.tail(5)):
+            return False
+        self._port_retries += 1
+        port = free_port()
+        child.argv = self.worker_argv(port, self.controller_url)
+        with open(child.log_path, "a", encoding="utf-8") as log:
+            log.write(f"fastchat-bigdl serve: its port was taken before it could bind; restarting on {port}\n")
+        child.start(self.env())
+        return True
 
     def model_listed(self) -> bool:
         headers = {"Authorization": f"Bearer {self.api_keys.split(',')[0]}"} if self.api_keys else {}
