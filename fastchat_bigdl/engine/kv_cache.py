@@ -80,9 +80,6 @@ class SequenceKV:
         self.data = torch.zeros(*lead, capacity, head_dim, dtype=dtype)
         self.scales = torch.zeros(*lead, capacity, dtype=torch.bfloat16) if dtype == torch.int8 else None
 
-    def _capped(self, capacity: int) -> int:
-        return capacity_for(capacity, self.limit)
-
     @property
     def capacity(self) -> int:
         return self.data.shape[3]
@@ -112,7 +109,7 @@ class SequenceKV:
         """Room for ``positions`` positions in total."""
         if positions <= self.capacity:
             return
-        self._move_to(max(self._capped(_round_up(max(positions, 2 * self.capacity))), positions))
+        self._move_to(max(capacity_for(max(positions, 2 * self.capacity), self.limit), positions))
 
     def _move_to(self, capacity: int, length: Optional[int] = None) -> None:
         """Storage of ``capacity`` positions keeping the first ``length`` (default: all held)."""

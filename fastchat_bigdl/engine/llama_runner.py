@@ -184,12 +184,7 @@ class LlamaRunner:
         positions already in ``kv``, in one full block call; returns the logits of the last
         token [1, vocab], or of every token fed (``all_logits``), or nothing
         (``next_logits=False``: more of the prompt follows)."""
-        steps = self.prefill_block_steps(tokens, kv, all_logits, next_logits)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return _run_to_end(self.prefill_block_steps(tokens, kv, all_logits, next_logits))
 
     @torch.inference_mode()
     def prefill_block_steps(self, tokens: Sequence[int], kv: SequenceKV, all_logits: bool = False,
@@ -242,12 +237,7 @@ class LlamaRunner:
         return _softcap(logits, s.logit_softcap)
 
     def _layers(self, x: torch.Tensor, call: "RunnerCall") -> torch.Tensor:
-        steps = self._layer_steps(x, call)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return _run_to_end(self._layer_steps(x, call))
 
     def _layer_steps(self, x: torch.Tensor, call: "RunnerCall") -> Generator[None, None, torch.Tensor]:
         """Every layer over the rows of ``x``, yielding after each; ``call`` (a prefill
@@ -286,6 +276,15 @@ class LlamaRunner:
         act = F.silu(gate) if self.shape.activation == "silu" else F.gelu(gate, approximate="tanh")
         act *= up
         return act
+
+
+def _run_to_end(steps: Generator):
+    """What a step-by-step generator (``_layer_steps``, ``prefill_block_steps``) returns, run at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

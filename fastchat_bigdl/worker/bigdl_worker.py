@@ -32,8 +32,7 @@ from fastchat_bigdl.lowbit.loader import DEFAULT_LOW_BIT
 from fastchat_bigdl.lowbit.oom import DeviceOutOfMemory, guard_out_of_memory, out_of_memory_advice
 from fastchat_bigdl.lowbit.weights_cache import LowBitCache
 from fastchat_bigdl.worker.generation import hf_kv_bytes_per_position, token_loop
-from fastchat_bigdl.worker.prefix_cache import (PrefixCache, default_budget_bytes, kv_bytes_per_token,
-                                                physical_memory_bytes)
+from fastchat_bigdl.worker.prefix_cache import PrefixCache, default_budget_bytes, physical_memory_bytes
 
 logger = logging.getLogger("fastchat_bigdl.model_worker")
 
@@ -164,14 +163,17 @@ class BigDLModelWorker(upstream.ModelWorker):
         """None for ``--prefix-cache-mb 0``; ``budget_mb`` None: one full context of KV."""
         if budget_mb is not None:
             return PrefixCache(budget_mb << 20) if budget_mb > 0 else None
-        if self.runner is not None:
-            per_token = self.runner.kv_bytes_per_position()
-        else:
-            per_token = kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
+        per_token = self._kv_bytes_per_position()
         budget = default_budget_bytes(per_token, self.context_len, physical_memory_bytes(), self.device)
         logger.info("prefix cache: %d MiB (one %d-token context of this model's KV on CPU, %.2f MiB a token)",
                     budget >> 20, self.context_len, per_token / 2**20)
         return PrefixCache(budget)
+
+    def _kv_bytes_per_position(self) -> int:
+        """KV bytes a position takes: the lean runner's cache type, else the model's dtype."""
+        if self.runner is not None:
+            return self.runner.kv_bytes_per_position()
+        return hf_kv_bytes_per_position(self.model)
 
     def _kv_budget(self, budget_mb: Optional[int]) -> Optional[KVBudget]:
         """The bytes of KV the worker may hold (running requests + prefix cache), logged
@@ -188,8 +190,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         budget = KVBudget(total, cache=self.prefix_cache)
         if self.prefix_cache is not None:
             self.prefix_cache.room = budget.cache_room
-        per_position = max(1, self.runner.kv_bytes_per_position() if self.runner is not None
-                           else hf_kv_bytes_per_position(self.model))
+        per_position = max(1, self._kv_bytes_per_position())
         fits = min(self.context_len, total // per_position)
         logger.info("KV budget: %d MiB (%s; %d MiB available after loading) for running requests and the prefix "
                     "cache: %d positions in all%s", total >> 20,
