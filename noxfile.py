@@ -4,11 +4,10 @@
              stack + classic AutoGen);
 - bigdl:     the loading + serving tests (marker `backend`) in a fresh virtualenv on the
              bigdl-llm 2.4.0 stack (transformers 4.31), which cannot share an
-             environment with ipex-llm's pins;
+             environment with ipex-llm's pins; on pydantic 1 (the rest: pydantic 2);
 - tf437:     the same tests plus the xpu ones on ipex-llm with transformers 4.37, the
              last release its optimized forwards (the xpu path) were built for;
-- agentchat: autogen-agentchat 0.4+ (needs pydantic 2, which fschat 0.2.36's API server
-             cannot stream with) against a stack served from the current environment;
+- agentchat: autogen-agentchat 0.4+ (pydantic 2) against a stack served from the current environment;
 - legacy:    pyautogen 0.1.x on openai 0.28 (cannot share an environment with openai 1.x);
 - ag2:       ag2 (classic AutoGen's successor, pydantic 2) against a served stack;
 - clients:   the newest openai SDK and langchain-openai (unpinned: what a new user gets)
@@ -30,9 +29,13 @@ def tests(session):
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+# The old stack keeps pydantic 1 covered (the default environment has pydantic 2).
+PYDANTIC_1 = ["pydantic<2", "fastapi<0.113"]
+
+
 @nox.session(venv_backend="venv")
 def bigdl(session):
-    session.install("-e", ".[bigdl,test]")
+    session.install("-e", ".[bigdl,test]", *PYDANTIC_1)
     session.install("--no-deps", DEMO_MODEL)
     session.run("python", "-m", "pytest", "-m", "backend", *session.posargs,
                 env={"FASTCHAT_BIGDL_BACKEND": "bigdl-llm"})

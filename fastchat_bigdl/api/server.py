@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.api import API_KEYS_ENV, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_ENV
+from fastchat_bigdl.api.pydantic_compat import adapt_fastchat_protocol
 from fastchat_bigdl.api.request_checks import OPENAI_CHECKS, chat_defaults
 from fastchat_bigdl.api.responses import router as responses_router
 from fastchat_bigdl.api.server_errors import ClearServerErrors
@@ -37,6 +38,7 @@ def build_app() -> FastAPI:
     middleware reads the default max_tokens from the environment now)."""
     app = upstream.app
     if not getattr(app.state, "fastchat_bigdl", False):
+        adapt_fastchat_protocol()  # FastChat's streams on pydantic 2
         app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
         app.include_router(responses_router)  # /v1/responses, over the chat completions above
         app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed

@@ -123,6 +123,11 @@ class Child:
             self.proc.wait()
 
 
+# For the stock baseline (low_bit=None) too: FastChat's own API server module cannot
+# stream on pydantic 2 (see api.pydantic_compat); this is the same server, adapted.
+API_MODULE = "fastchat_bigdl.openai_api_server"
+
+
 @dataclass
 class Stack:
     model_path: str
@@ -141,11 +146,6 @@ class Stack:
     controller_url: str = ""
     _reported: set = field(default_factory=set)
     _port_retries: int = 0
-
-    @property
-    def api_module(self) -> str:
-        # The stock baseline (low_bit=None) keeps FastChat's own API server too.
-        return "fastchat.serve.openai_api_server" if self.low_bit is None else "fastchat_bigdl.openai_api_server"
 
     @property
     def base_url(self) -> str:
@@ -192,7 +192,7 @@ class Stack:
             Child("controller", py + ["fastchat.serve.controller", "--host", "127.0.0.1",
                                       "--port", str(controller_port)], self.log_dir / "controller.out"),
             *workers,
-            Child("api", py + [self.api_module, "--host", self.host, "--port", str(self.port),
+            Child("api", py + [API_MODULE, "--host", self.host, "--port", str(self.port),
                                "--controller-address", self.controller_url], self.log_dir / "api.out"),
         ]
 
