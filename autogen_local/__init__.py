@@ -7,7 +7,7 @@ from autogen_local.netenv import bypass_proxy_for_loopback
 
 bypass_proxy_for_loopback()
 
-from autogen_local.llm_config import config, model_client  # noqa: E402
+from autogen_local.llm_config import config, model_client, model_config  # noqa: E402
 from autogen_local.endpoint import (  # noqa: E402
     DEFAULT_BASE_URL,
     EndpointNotReady,
@@ -21,5 +21,5 @@ from autogen_local.runtime_patch import patch, patched, unpatch  # noqa: E402
 
 __all__ = [
     "DEFAULT_BASE_URL", "EndpointNotReady", "ModelChoiceError", "config", "detect_flavor",
-    "list_models", "model_client", "patch", "patched", "trim_messages", "unpatch", "wait_ready",
+    "list_models", "model_client", "model_config", "patch", "patched", "trim_messages", "unpatch", "wait_ready",
 ]

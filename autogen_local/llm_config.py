@@ -12,7 +12,7 @@ from autogen_local.endpoint import (
     resolve_base_url,
     wait_ready,
 )
-from autogen_local.flavor import AGENTCHAT, CLASSIC, LEGACY, detect_flavor
+from autogen_local.flavor import AG2, AGENTCHAT, CLASSIC, LEGACY, detect_flavor
 from autogen_local.netenv import bypass_proxy_for_loopback
 
 # Local decode runs at tens of tokens a second and small models rarely stop on their own:
@@ -55,8 +55,8 @@ def config(
     api_key: argument, else $OPENAI_API_KEY, else "EMPTY".
     model=None takes the only model the server lists. wait=True (or a number of
     seconds) first waits until the model answers. history_limit drops the oldest turns
-    when the server says the chat no longer fits the context (classic: here; legacy:
-    through ``patch()``; agentchat: ``model_client()``). max_tokens caps each reply
+    when the server says the chat no longer fits the context (classic, ag2, agentchat:
+    an ``http_client`` here; legacy: through ``patch()``). max_tokens caps each reply
     (default 512; None sends no cap and the server's own default applies). ``extra`` is
     merged last.
     """
@@ -74,10 +74,11 @@ def config(
         if history_limit:
             entry["http_client"] = history.trimming_client(timeout)
         llm_config = {"config_list": [entry], "timeout": timeout, "cache_seed": None}
-    elif flavor == AGENTCHAT:
-        # keyword arguments of autogen_ext's OpenAIChatCompletionClient
-        llm_config = {"model": model, "base_url": base_url, "api_key": api_key, "timeout": timeout,
-                      "model_info": dict(LOCAL_MODEL_INFO)}
+    elif flavor in (AG2, AGENTCHAT):
+        # keyword arguments of ag2's OpenAIConfig / autogen_ext's OpenAIChatCompletionClient
+        llm_config = {"model": model, "base_url": base_url, "api_key": api_key, "timeout": timeout}
+        if flavor == AGENTCHAT:
+            llm_config["model_info"] = dict(LOCAL_MODEL_INFO)
         if history_limit:
             llm_config["http_client"] = history.async_trimming_client(timeout)
     else:
@@ -88,20 +89,19 @@ def config(
     return llm_config
 
 
-def model_client(
-    model: Optional[str] = None,
-    base_url: Optional[str] = None,
-    api_key: Optional[str] = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    wait: Union[bool, float] = True,
-    *,
-    history_limit: bool = True,
-    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
-    **extra,
-):
-    """An autogen-agentchat (0.4+) ``OpenAIChatCompletionClient`` for the local server."""
+def model_client(model: Optional[str] = None, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 timeout: float = DEFAULT_TIMEOUT, wait: Union[bool, float] = True, **options):
+    """An autogen-agentchat (0.4+) ``OpenAIChatCompletionClient`` for the local server;
+    ``options`` (history_limit, max_tokens, extra keywords) as for ``config()``."""
     from autogen_ext.models.openai import OpenAIChatCompletionClient
 
-    kwargs = config(model, base_url, api_key, timeout, wait, flavor=AGENTCHAT,
-                    history_limit=history_limit, max_tokens=max_tokens, **extra)
-    return OpenAIChatCompletionClient(**kwargs)
+    return OpenAIChatCompletionClient(**config(model, base_url, api_key, timeout, wait, flavor=AGENTCHAT, **options))
+
+
+def model_config(model: Optional[str] = None, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 timeout: float = DEFAULT_TIMEOUT, wait: Union[bool, float] = True, **options):
+    """An ag2 (1.x) ``OpenAIConfig`` for the local server, ``ag2.Agent(..., config=model_config())``;
+    ``options`` as for ``config()``."""
+    from ag2.config.openai import OpenAIConfig
+
+    return OpenAIConfig(**config(model, base_url, api_key, timeout, wait, flavor=AG2, **options))

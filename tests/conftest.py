@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import CHATML_TEMPLATE, build_tiny_llama  # noqa: E402
 
-# tests/flavors needs an AutoGen that cannot share this environment (legacy pyautogen on
-# openai 0.28, autogen-agentchat on pydantic 2): nox runs it in virtualenvs of its own.
+# tests/flavors runs each AutoGen flavor with autogen_local alone (no torch), and the ones
+# that cannot share this environment (classic pyautogen 0.2 on openai 1.x, legacy on
+# openai 0.28): nox runs it in virtualenvs of its own.
 FLAVOR_ENV = "FASTCHAT_BIGDL_FLAVOR_TESTS"
 collect_ignore_glob = [] if os.environ.get(FLAVOR_ENV) else ["flavors/*"]
 

@@ -240,3 +240,24 @@ def write_tiny_gguf(hf_dir: Path, out: Path, quant: str = "F32", arch: str = "ll
 
     config = json.loads((hf_dir / "config.json").read_text())  # any config: tests also write odd ones
     return write_gguf(hf_dir, out, config, add_bpe_vocabulary, quant, arch)
+
+
+LONG_TURN = " ".join(["the quick brown fox jumps over the lazy dog"] * 5)
+
+
+def ag2_long_chat(config, turns: int = 6):
+    """An ag2 1.x agent chat continued turn by turn (``reply.ask``): with the tiny models'
+    256-token context the prompt outgrows it by the third turn. Returns the last reply."""
+    import asyncio
+
+    import ag2
+
+    agent = ag2.Agent("assistant", "You are helpful.", config=config)
+
+    async def chat():
+        reply = await agent.ask(f"0 {LONG_TURN}")
+        for i in range(1, turns):
+            reply = await reply.ask(f"{i} {LONG_TURN}")
+        return reply
+
+    return asyncio.run(chat())

@@ -1,8 +1,11 @@
 """AutoGen agents against the real served tiny model, and the users' six failures.
 
-The whole module runs with http_proxy/HTTPS_PROXY pointing at a dead port: the stack
-and the clients must keep loopback traffic away from it.
+The AutoGen here is what the ``autogen`` extra installs: autogen-agentchat 0.7 and ag2 1.x
+on openai 3 (httpx2); classic pyautogen 0.2 and legacy 0.1 run in their own nox sessions
+(tests/flavors). The whole module runs with http_proxy/HTTPS_PROXY pointing at a dead
+port: the stack and the clients must keep loopback traffic away from it.
 """
+import asyncio
 import os
 import time
 
@@ -12,7 +15,7 @@ import requests
 import autogen_local
 from fastchat_bigdl.lowbit.oom import SIMULATE_ENV
 from fastchat_bigdl.stack.serve import Stack, free_port
-from helpers import chat
+from helpers import ag2_long_chat, chat
 
 pytestmark = [pytest.mark.slow]
 
@@ -68,8 +71,8 @@ def test_client_started_before_the_worker_registers_never_sees_40301(stack, dead
     except requests.ConnectionError:
         listed = []
     assert MODEL not in listed
-    cfg = autogen_local.config(base_url=stack.base_url, wait=240)  # model=None: the only one served
-    assert cfg["config_list"][0]["model"] == MODEL
+    config = autogen_local.model_config(base_url=stack.base_url, wait=240)  # model=None: the only one served
+    assert config.model == MODEL
     r = chat(stack.base_url, MODEL)
     assert r.status_code == 200, r.text
 
@@ -88,43 +91,33 @@ def test_wait_ready_timeout_names_endpoint_listed_and_expected(ready):
     assert ready.base_url in message and "Llama-2-7b-chat-hf" in message and MODEL in message
 
 
-def test_classic_two_agent_chat_finishes(ready):
-    import autogen
+def test_two_agent_team_chat_finishes(ready):
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.teams import RoundRobinGroupChat
 
-    cfg = autogen_local.config(base_url=ready.base_url, max_tokens=8)
-    assistant = autogen.AssistantAgent("assistant", llm_config=cfg, system_message="You are helpful.",
-                                       max_consecutive_auto_reply=3)
-    user = autogen.UserProxyAgent("user", human_input_mode="NEVER", code_execution_config=False,
-                                  max_consecutive_auto_reply=3, llm_config=cfg, system_message="You ask.")
-    result = user.initiate_chat(assistant, message="hello world how are you today")
-    history = result.chat_history
-    # the opening message, then 3 auto-replies from each agent
-    assert len(history) == 7
-    assert all(isinstance(m["content"], str) for m in history)
-    assert result.cost["usage_including_cached_inference"]["total_cost"] == 0  # price [0, 0]
+    async def run():
+        client = autogen_local.model_client(base_url=ready.base_url, max_tokens=8)
+        asker = AssistantAgent("asker", model_client=client, system_message="You ask.")
+        helper = AssistantAgent("helper", model_client=client, system_message="You are helpful.")
+        try:
+            return await RoundRobinGroupChat([helper, asker], max_turns=6).run(task="hello world how are you today")
+        finally:
+            await client.close()
 
-
-def long_history(turns=6, words=40):
-    text = " ".join(["the quick brown fox jumps over the lazy dog"] * (words // 9 + 1))
-    messages = [{"role": "system", "content": "You are helpful."}]
-    for i in range(turns):
-        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} {text}"})
-    messages.append({"role": "user", "content": "and now?"})
-    return messages
+    result = asyncio.run(run())
+    # the task, then 3 replies from each agent, each a real completion
+    assert [m.source for m in result.messages] == ["user"] + ["helper", "asker"] * 3
+    assert all(isinstance(m.content, str) and m.models_usage.completion_tokens > 0 for m in result.messages[1:])
 
 
 def test_history_beyond_the_context_is_trimmed_not_an_error(ready):
-    from autogen import OpenAIWrapper
     from openai import BadRequestError
 
-    messages = long_history()
-    untrimmed = OpenAIWrapper(**autogen_local.config(MODEL, ready.base_url, wait=False, history_limit=False))
-    with pytest.raises(BadRequestError, match="40303"):
-        untrimmed.create(messages=messages, max_tokens=4)
-    trimmed = OpenAIWrapper(**autogen_local.config(MODEL, ready.base_url, wait=False))
-    response = trimmed.create(messages=messages, max_tokens=4)
-    assert response.choices[0].message.content is not None
-    assert response.usage.prompt_tokens < 256
+    untrimmed = autogen_local.model_config(MODEL, ready.base_url, wait=False, history_limit=False, max_tokens=4)
+    with pytest.raises(BadRequestError, match="maximum context length is 256 tokens"):
+        ag2_long_chat(untrimmed)
+    reply = ag2_long_chat(autogen_local.model_config(MODEL, ready.base_url, wait=False, max_tokens=4))
+    assert reply.body is not None and reply.response.usage.prompt_tokens < 256
 
 
 def test_prompt_longer_than_context_is_40303_with_counts_and_worker_keeps_serving(ready):
@@ -160,9 +153,12 @@ def test_out_of_device_memory_is_a_clear_400_and_the_next_request_succeeds(ready
 
 
 def test_client_timeout_defaults_to_600_seconds_everywhere(ready):
-    cfg = autogen_local.config(base_url=ready.base_url)
-    assert cfg["timeout"] == 600
-    assert cfg["config_list"][0]["http_client"].timeout.read == 600
-    from autogen_local.flavor import LEGACY
+    from autogen_local.flavor import AG2, AGENTCHAT, CLASSIC, LEGACY
 
+    classic = autogen_local.config(base_url=ready.base_url, flavor=CLASSIC)
+    assert classic["timeout"] == 600 and classic["config_list"][0]["http_client"].timeout.read == 600
+    for flavor in (AG2, AGENTCHAT):
+        cfg = autogen_local.config(base_url=ready.base_url, flavor=flavor)
+        assert cfg["timeout"] == 600 and cfg["http_client"].timeout.read == 600
+    assert autogen_local.model_config(base_url=ready.base_url).timeout == 600
     assert autogen_local.config(base_url=ready.base_url, flavor=LEGACY)["request_timeout"] == 600

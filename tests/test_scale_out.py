@@ -1,4 +1,5 @@
 """Two low-bit workers behind one controller and one API server."""
+import asyncio
 import collections
 import re
 import signal
@@ -48,7 +49,13 @@ def test_requests_spread_over_two_workers_and_survive_losing_one(tiny_chatml, tm
         assert outcomes == {"ok": 20}
         assert served_by(stack)["worker"] >= split["worker"] + 20
 
-        from autogen import OpenAIWrapper
+        from autogen_core.models import UserMessage
 
-        client = OpenAIWrapper(**autogen_local.config(M, stack.base_url, wait=False, max_tokens=4))
-        assert all(client.create(messages=[{"role": "user", "content": "hi"}]).choices for _ in range(5))
+        async def agent_turns():
+            client = autogen_local.model_client(M, stack.base_url, wait=False, max_tokens=4)
+            try:
+                return [await client.create([UserMessage(content="hi", source="user")]) for _ in range(5)]
+            finally:
+                await client.close()
+
+        assert all(r.usage.completion_tokens > 0 for r in asyncio.run(agent_turns()))

@@ -125,36 +125,6 @@ def test_the_openai_sdk_reads_the_calls(stack):
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-def test_classic_autogen_round_trip_runs_the_registered_function(stack):
-    from typing import Literal
-
-    import autogen
-    from typing_extensions import Annotated
-
-    import autogen_local
-
-    cfg = autogen_local.config(M, stack.base_url, api_key=KEY, wait=False, max_tokens=160)
-    cfg["tool_choice"] = "required"  # a random-weight model would not choose to call on its own
-    assistant = autogen.AssistantAgent("assistant", llm_config=cfg, system_message="You check the weather.")
-    user = autogen.UserProxyAgent("user", human_input_mode="NEVER", code_execution_config=False,
-                                  max_consecutive_auto_reply=2)
-    calls = []
-
-    @user.register_for_execution()
-    @assistant.register_for_llm(description="Weather forecast for a city")
-    def get_weather(city: Annotated[Literal["paris", "oslo"], "the city"],
-                    days: Annotated[int, "how many days"]) -> str:
-        calls.append((city, days))
-        return f"sunny in {city} for {days} days"
-
-    result = user.initiate_chat(assistant, message="weather in paris for 3 days?", max_turns=2)
-    assert calls and calls[0][0] in ("paris", "oslo") and isinstance(calls[0][1], int)
-    roles = [m.get("role") for m in result.chat_history]
-    tool_turn = roles.index("tool")
-    assert "sunny in" in result.chat_history[tool_turn]["content"]
-    assert roles[tool_turn + 1:] == ["assistant"]  # the model answered after the result went back
-
-
 FORECAST = {"type": "object", "properties": {
     "city": {"enum": ["paris", "oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
     "summary": {"type": "string", "maxLength": 12}}, "required": ["city", "days", "summary"]}

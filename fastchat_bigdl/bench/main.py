@@ -157,8 +157,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
                         help="Also the time to first token of one prompt this long (default 0; --shape 7b 1000)")
     parser.add_argument("--agent-chat", type=int, default=None, metavar="TURNS",
-                        help="Also run an AutoGen two-agent chat (classic flavor) against this package's stack "
-                             "and time its turns (default 0; --shape 7b 5; needs pyautogen or ag2)")
+                        help="Also run an AutoGen two-agent chat (autogen-agentchat) against this package's stack "
+                             "and time its turns (default 0; --shape 7b 5; needs autogen-agentchat: the autogen extra)")
     parser.add_argument("--gguf", default=None,
                         help="The GGUF llama.cpp runs (default with --against llama-cpp: the demo model's); "
                              "--model-path must then be the same model as a Hugging Face checkpoint")
