@@ -22,12 +22,14 @@ ALLOWED: Dict[str, Set[str]] = {
     "root": {"adapter", "common"},
     "worker": {"engine", "lowbit", "common", "adapter"},
     "api": {"common"},
+    "web": {"common"},
     "stack": {"common", "lowbit", "api", "worker", "adapter"},
     "bench": {"common", "lowbit", "engine", "api", "worker", "stack", "adapter"},
     "cli": {"stack", "bench", "common", "root"},
     "__main__": {"cli"},
     "model_worker": {"worker"},
     "openai_api_server": {"api"},
+    "web_server": {"web"},
 }
 LOW_BIT_LIBRARIES = ("ipex_llm", "bigdl", "intel_extension_for_pytorch")
 HEAVY_FOR_CLIENTS = ("torch", "transformers", "fastchat", PACKAGE)

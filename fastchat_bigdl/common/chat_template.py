@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -193,3 +193,14 @@ def conversation_from_chat_template(tokenizer) -> Optional[Conversation]:
     conv.stop_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in stops]
     conv.messages = []
     return conv
+
+
+def conversation_from_dict(conv: Dict[str, Any]) -> Conversation:
+    """The template a worker sends (``/worker_get_conv_template``), rebuilt as FastChat's API
+    server does (get_gen_params)."""
+    return Conversation(
+        name=conv["name"], system_template=conv["system_template"], system_message=conv["system_message"],
+        roles=conv["roles"], messages=list(conv["messages"]), offset=conv["offset"],
+        sep_style=SeparatorStyle(conv["sep_style"]), sep=conv["sep"], sep2=conv["sep2"],
+        stop_str=conv["stop_str"], stop_token_ids=conv["stop_token_ids"],
+    )

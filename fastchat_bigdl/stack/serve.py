@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -56,13 +57,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def ensure_port_free(host: str, port: int) -> None:
+def ensure_port_free(host: str, port: int, flag: str = "--port") -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise StackError(f"{host}:{port} is already in use ({exc.strerror}); pass another --port") from None
+            raise StackError(f"{host}:{port} is already in use ({exc.strerror}); pass another {flag}") from None
 
 
 def _die_with_parent() -> None:
@@ -126,6 +127,8 @@ class Child:
 # For the stock baseline (low_bit=None) too: FastChat's own API server module cannot
 # stream on pydantic 2 (see api.pydantic_compat); this is the same server, adapted.
 API_MODULE = "fastchat_bigdl.openai_api_server"
+WEB_MODULE = "fastchat_bigdl.web_server"  # FastChat's gradio chat page (serve --web)
+WEB_PORT = 7860  # gradio's usual port
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Stack:
     workers: int = 1
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # for chat requests without max_tokens; 0: none
     python: str = sys.executable
+    web_port: Optional[int] = None  # FastChat's chat page on 127.0.0.1:web_port (serve --web)
     children: List[Child] = field(default_factory=list)
     controller_url: str = ""
     _reported: set = field(default_factory=set)
@@ -151,6 +155,10 @@ class Stack:
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}/v1"
+
+    @property
+    def web_url(self) -> Optional[str]:
+        return f"http://127.0.0.1:{self.web_port}" if self.web_port else None
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -188,13 +196,17 @@ class Stack:
             name = "worker" if i == 1 else f"worker-{i}"
             workers.append(Child(name, self.worker_argv(free_port(), self.controller_url),
                                  self.log_dir / f"{name}.out"))
-        return [
+        children = [
             Child("controller", py + ["fastchat.serve.controller", "--host", "127.0.0.1",
                                       "--port", str(controller_port)], self.log_dir / "controller.out"),
             *workers,
             Child("api", py + [API_MODULE, "--host", self.host, "--port", str(self.port),
                                "--controller-address", self.controller_url], self.log_dir / "api.out"),
         ]
+        if self.web_port:  # loopback only: the page has no API keys to check
+            children.append(Child("web", py + [WEB_MODULE, "--host", "127.0.0.1", "--port", str(self.web_port),
+                                               "--controller-url", self.controller_url], self.log_dir / "web.out"))
+        return children
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -213,6 +225,8 @@ class Stack:
 
     def start(self) -> None:
         ensure_port_free(self.host, self.port)
+        if self.web_port:
+            ensure_port_free("127.0.0.1", self.web_port, "--web-port")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children = self.plan()
         env = self.env()
@@ -260,6 +274,15 @@ class Stack:
         except (requests.RequestException, ValueError):
             return False
 
+    def web_page_up(self) -> bool:
+        """True without --web; else once the chat page answers."""
+        if not self.web_url:
+            return True
+        try:
+            return requests.get(self.web_url, timeout=5).ok
+        except requests.RequestException:
+            return False
+
     def wait_ready(self, timeout: float, progress: Callable[[str], None] = print) -> None:
         deadline = time.monotonic() + timeout
         worker = self.child("worker")
@@ -268,7 +291,7 @@ class Stack:
                 if any(marker in line for marker in PROGRESS_MARKERS):
                     progress(f"  worker: {line.split(' | ')[-1].strip()}")
             self.check_children()
-            if self.model_listed() and self.registered_workers() >= self.workers:
+            if self.model_listed() and self.registered_workers() >= self.workers and self.web_page_up():
                 return
             time.sleep(0.5)
         raise StackError(f"{self.model_name} was not listed at {self.base_url}/models within {timeout:.0f} s")
@@ -318,6 +341,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                         help=f"Cap for chat requests that send no max_tokens (default {DEFAULT_MAX_TOKENS}; 0 lets "
                         "them run to the end of the context, as FastChat does)")
+    parser.add_argument("--web", action="store_true",
+                        help="Also start FastChat's chat page (gradio, the `web` extra) on 127.0.0.1")
+    parser.add_argument("--web-port", type=int, default=None, metavar="N",
+                        help=f"The chat page's port (default {WEB_PORT}; implies --web)")
     parser.add_argument("--log-dir", default=None, help="Where the processes log")
     parser.add_argument("--ready-timeout", type=float, default=900, help="Seconds to wait for the model")
 
@@ -329,6 +356,19 @@ def check_low_bit(device: str, low_bit: str) -> None:
     from fastchat_bigdl.lowbit.formats import check_format
 
     check_format(resolve_backend(), device, low_bit)
+
+
+def web_page_port(args: argparse.Namespace) -> tuple:
+    """(the chat page's port or None, a problem to report or None), checked before anything
+    starts: gradio must be installed, and the page cannot be the API's port."""
+    if not (args.web or args.web_port):
+        return None, None
+    port = args.web_port or WEB_PORT
+    if importlib.util.find_spec("gradio") is None:
+        return None, "--web needs gradio: pip install 'fastchat-bigdl[web]'"
+    if port == args.port or not 0 < port < 65536:
+        return None, f"--web-port {port} is not usable (the API server has --port {args.port})"
+    return port, None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -346,6 +386,10 @@ def run(args: argparse.Namespace) -> int:
             check_low_bit(args.device, args.low_bit)
     except (BackendError, UnsupportedFormat) as exc:
         print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr)
+        return 2
+    web_port, problem = web_page_port(args)
+    if problem:
+        print(f"fastchat-bigdl serve: error: {problem}", file=sys.stderr)
         return 2
     if args.model_path is None:
         try:
@@ -367,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
         api_keys=args.api_keys,
         workers=args.workers,
         default_max_tokens=args.default_max_tokens,
+        web_port=web_port,
     )
     warning = exposure_warning(args.host, args.api_keys)
     if warning:
@@ -380,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
               f"logs in {stack.log_dir}", flush=True)
         stack.start()
         stack.wait_ready(args.ready_timeout, progress=lambda line: print(line, flush=True))
-        print(f"fastchat-bigdl ready: {stack.base_url} model={stack.model_name} (Ctrl-C to stop)", flush=True)
+        page = f" chat page {stack.web_url}" if stack.web_url else ""
+        print(f"fastchat-bigdl ready: {stack.base_url} model={stack.model_name}{page} (Ctrl-C to stop)", flush=True)
         stack.watch(report=lambda message: print(f"fastchat-bigdl serve: {message}", file=sys.stderr, flush=True))
     except StackError as exc:
         print(f"fastchat-bigdl serve: error: {exc}", file=sys.stderr, flush=True)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
-from fastchat.conversation import Conversation, SeparatorStyle
+from fastchat.conversation import Conversation
 
 from fastchat_bigdl.api.tool_calling.formats import HERMES, ToolFormat, format_of
 from fastchat_bigdl.api.tool_calling.grammar import CLOSE, OPEN
 from fastchat_bigdl.api.tool_calling.spec import ToolRequest
+from fastchat_bigdl.common.chat_template import conversation_from_dict
 
 # Worded after the function-calling prompts small models are trained on (APIGen style):
 # a concrete example call works better for them than placeholders like <function-name>.
@@ -91,16 +92,6 @@ def generic_turns(messages: List[Dict[str, Any]]) -> (Optional[str], List[List[s
         else:
             turns.append([side, text])
     return system, turns
-
-
-def conversation_from_dict(conv: Dict[str, Any]) -> Conversation:
-    """The worker's template, as FastChat's API server rebuilds it (get_gen_params)."""
-    return Conversation(
-        name=conv["name"], system_template=conv["system_template"], system_message=conv["system_message"],
-        roles=conv["roles"], messages=list(conv["messages"]), offset=conv["offset"],
-        sep_style=SeparatorStyle(conv["sep_style"]), sep=conv["sep"], sep2=conv["sep2"],
-        stop_str=conv["stop_str"], stop_token_ids=conv["stop_token_ids"],
-    )
 
 
 def render_generic(conv: Conversation, messages: List[Dict[str, Any]], request: ToolRequest) -> str:
