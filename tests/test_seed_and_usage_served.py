@@ -23,11 +23,15 @@ def stack(tiny_chatml, tmp_path_factory):
         yield s
 
 
-def chat(stack, **body):
-    data = {"model": M, "messages": ASK, "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, **body}
-    r = requests.post(stack.base_url + "/chat/completions", json=data, timeout=300)
+def post(stack, path, **body):
+    data = {"model": M, "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, **body}
+    r = requests.post(stack.base_url + path, json=data, timeout=300)
     assert r.status_code == 200, r.text
     return r
+
+
+def chat(stack, **body):
+    return post(stack, "/chat/completions", **{"messages": ASK, **body})
 
 
 def texts(response):
@@ -114,3 +118,68 @@ def test_chat_logprobs_give_each_generated_token_and_its_alternatives(stack):
     only_chosen = chat(stack, temperature=0, logprobs=True).json()["choices"][0]["logprobs"]["content"]
     assert [e["logprob"] for e in only_chosen] == [e["logprob"] for e in content]
     assert all(e["top_logprobs"] == [] for e in only_chosen)
+
+
+# --- /v1/completions: FastChat's handler drops the seed and the usage chunk too ---------------
+
+PROMPT = "the quick brown fox"
+
+
+def complete(stack, **body):
+    return post(stack, "/completions", **{"prompt": PROMPT, **body})
+
+
+def completion_texts(response):
+    return [c["text"].replace("\ufffd", "") for c in response.json()["choices"]]
+
+
+def streamed_completion(response):
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    assert response.text.rstrip().endswith("data: [DONE]")
+    texts_by_choice = {}
+    for e in events:
+        for c in e["choices"]:
+            texts_by_choice[c["index"]] = texts_by_choice.get(c["index"], "") + c["text"]
+    return [texts_by_choice[i] for i in sorted(texts_by_choice)], events
+
+
+def test_a_seeded_completion_is_reproducible_alone_and_under_load(stack):
+    first = completion_texts(complete(stack, seed=7))
+    assert completion_texts(complete(stack, seed=7)) == first
+    others = {completion_texts(complete(stack, seed=seed))[0] for seed in (8, 9, 10)}
+    assert others - {first[0]}  # the seed, not greedy decoding, made them equal
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        noise = [pool.submit(complete, stack, prompt=f"noise {i}", max_tokens=48) for i in range(3)]
+        busy = pool.submit(complete, stack, seed=7)
+        assert completion_texts(busy.result()) == first
+        for f in noise:
+            f.result()
+
+
+def test_seeded_completion_choices_differ_and_the_stream_carries_the_same_text_and_usage(stack):
+    whole = complete(stack, seed=3, n=2, prompt=[PROMPT, "hello world"])
+    texts_ = completion_texts(whole)
+    assert len(texts_) == 4 and len(set(texts_)) == 4 and texts_ == completion_texts(
+        complete(stack, seed=3, n=2, prompt=[PROMPT, "hello world"]))
+    assert [c["index"] for c in whole.json()["choices"]] == [0, 1, 2, 3]
+    single = complete(stack, seed=5)
+    text, events = streamed_completion(complete(stack, seed=5, stream=True, stream_options={"include_usage": True}))
+    assert text == completion_texts(single)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == single.json()["usage"]
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    _, plain = streamed_completion(complete(stack, seed=5, stream=True))
+    assert all(e["choices"] for e in plain)  # the usage chunk only when asked
+
+
+def test_unseeded_completions_still_go_through_fastchats_handler(stack):
+    greedy = completion_texts(complete(stack, temperature=0))
+    assert greedy == completion_texts(complete(stack, temperature=0, seed=1))  # greedy ignores the seed
+    r = requests.post(stack.base_url + "/completions", json={"model": M, "prompt": PROMPT, "seed": "x"}, timeout=60)
+    assert r.status_code == 400 and "'seed' must be an integer" in r.json()["message"]
+
+
+def test_seeded_completion_logprobs_stream_each_token_once(stack):
+    whole = complete(stack, seed=9, logprobs=2).json()["choices"][0]["logprobs"]
+    _, events = streamed_completion(complete(stack, seed=9, logprobs=2, stream=True))
+    tokens = [t for e in events for c in e["choices"] for t in (c["logprobs"] or {}).get("tokens", [])]
+    assert tokens == whole["tokens"] and len(tokens) > 0

@@ -1,7 +1,8 @@
 """FastChat's OpenAI API server (same flags, routes and behaviour), with request validation
 in front of it so bad input gets a 4xx in FastChat's error schema instead of a 500 and a
 stack trace, clear errors for failures behind it, OpenAI tool calling (``tools``,
-``tool_choice``, legacy ``functions``) with schema-constrained calls, and ``/v1/responses``."""
+``tool_choice``, legacy ``functions``) with schema-constrained calls, ``seed`` and the usage
+chunk on completions too, and ``/v1/responses``."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from fastapi import FastAPI
 from fastchat.serve import openai_api_server as upstream
 
 from fastchat_bigdl.api import API_KEYS_ENV, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_ENV
+from fastchat_bigdl.api.completions import RouteCompletions, router as completions_router
 from fastchat_bigdl.api.pydantic_compat import adapt_fastchat_protocol
 from fastchat_bigdl.api.request_checks import OPENAI_CHECKS, chat_defaults
 from fastchat_bigdl.api.responses import router as responses_router
@@ -41,7 +43,9 @@ def build_app() -> FastAPI:
         adapt_fastchat_protocol()  # FastChat's streams on pydantic 2
         app.include_router(tool_router)  # tool calling; requests reach it through RouteToolRequests
         app.include_router(responses_router)  # /v1/responses, over the chat completions above
+        app.include_router(completions_router)  # seeded completions, through RouteCompletions
         app.add_middleware(RouteToolRequests)  # inside ValidateRequests: routes on the body it parsed
+        app.add_middleware(RouteCompletions)  # likewise
         app.add_middleware(ValidateRequests, checks=OPENAI_CHECKS,
                            defaults={"/v1/chat/completions": chat_defaults(default_max_tokens())})
         app.add_middleware(ClearServerErrors)

@@ -37,6 +37,12 @@ def test_models_completions_and_embeddings(client, tool_server):
     assert streamed == done.choices[0].text.replace("\ufffd", "")
     vector = client.embeddings.create(model=tool_server.model, input="hello").data[0].embedding
     assert len(vector) > 0
+    sampled = [client.completions.create(model=tool_server.model, prompt="the quick brown fox", max_tokens=8,
+                                         temperature=1.0, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the seed holds on completions too
+    last = list(client.completions.create(model=tool_server.model, prompt="hello", max_tokens=4, stream=True,
+                                          stream_options={"include_usage": True}))[-1]
+    assert last.choices == [] and 0 < last.usage.completion_tokens <= 4
 
 
 def test_chat_plain_streamed_n_stop_and_repeatable(client, tool_server):
