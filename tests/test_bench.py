@@ -1,6 +1,8 @@
 """`fastchat-bigdl bench`: the report's structure and sanity (speed is not asserted)."""
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +206,7 @@ def test_roofline_uses_the_bytes_each_format_reads():
 def test_quick_bench_writes_table_json_and_plot(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastchat_bigdl", "bench", "--quick", "--profile",
                           "--stock-dtypes", "float32,bfloat16", "--long-prompt", "40", "--agent-chat", "3",
+                          "--long-chat", "200", "--memory-cgroup", "4",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "decode run 1/1" in out.stdout and "replay turn 3/3" in out.stdout  # progress shown
@@ -223,9 +226,22 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
     assert ours["low_bit"] == "sym_int4" and len(ours["start_s"]) == 2 and len(ours["model_load_s"]) == 2
     assert report["ratios"]["decode_speedup"] == pytest.approx(
         ours["decode"]["tok_s"] / report["stacks"][bench_settings.STOCK]["decode"]["tok_s"])
+    long = ours["long_chat"]
     assert set(report["targets"]) == {"decode >= 3x stock fp32", "replay turn-last TTFT <= 1.5x turn-1",
                                       "cached start >= 5x faster (model load)", "roofline >= 50%",
-                                      "API decode >= 0.85x kernel ceiling", "API decode >= 0.9x in-process"}
+                                      "API decode >= 0.85x kernel ceiling", "API decode >= 0.9x in-process",
+                                      f"worker peak RSS over a {long['history_tokens']}-token chat <= 6 GB",
+                                      "start 1 in a 4 GiB memory cgroup: OOM kills",
+                                      "start 2 in a 4 GiB memory cgroup: OOM kills"}
+    # --long-chat: four turns of 50 new tokens at least, the history sent whole each time
+    assert len(long["turns"]) >= 4 and long["history_tokens"] >= 200 and long["peak_since_reset"]
+    assert [t["history_tokens"] for t in long["turns"]] == sorted(t["history_tokens"] for t in long["turns"])
+    assert 50 < long["peak_rss_mb"] <= ours["peak_rss_mb"] * 1.5
+    # --memory-cgroup: both of our worker's starts ran inside a 4 GiB group and were not killed
+    groups = ours["memory_cgroup"]
+    assert [g["limit_mb"] for g in groups] == [4096, 4096] and all(g["oom_kills"] == 0 for g in groups)
+    assert all(g["peak_mb"] > 50 for g in groups)  # the worker's memory was charged to it
+    assert "long agent chat: " in out.stdout and "GiB memory cgroup" in out.stdout
     # --profile: one token's time split in-process, related to the API's speed of the same run
     ms = report["profile"]["ms_per_token"]
     assert all(ms[k] > 0 for k in ("linear", "attention", "lean_forward", "token_loop", "hf_forward"))
@@ -476,3 +492,22 @@ def test_kv_cache_comparison_reports_each_type_against_fp32_and_its_noise_floor(
     lines = bench_report._kv_cache_lines(result)
     assert len(lines) == 4 and "KV cache bf16:" in lines[1] and "greedy answers identical to fp32's" in lines[1]
     assert lines[3].startswith(f"KV cache {NUDGED}: ") and "KiB" not in lines[3]
+
+
+def test_a_memory_cgroup_bounds_what_a_process_started_in_it_can_hold(tmp_path):
+    """The kernel enforces ``bench --memory-cgroup``'s limit on the process it starts."""
+    from fastchat_bigdl.bench.memory_cgroup import CgroupUnavailable, MemoryCgroup
+
+    try:
+        group = MemoryCgroup(f"fastchat-bigdl-test-{os.getpid()}", 200)
+    except CgroupUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        def hold(mb):
+            code = f"import time; b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
+            return subprocess.run(group.command_prefix() + [sys.executable, "-c", code], timeout=60).returncode
+
+        assert hold(100) == 0 and group.peak_mb() >= 100 and group.oom_kills() == 0
+        assert hold(400) == -signal.SIGKILL and group.oom_kills() == 1  # killed inside the group, nothing else
+    finally:
+        group.remove()

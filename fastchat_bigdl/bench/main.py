@@ -159,6 +159,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-chat", type=int, default=None, metavar="TURNS",
                         help="Also run an AutoGen two-agent chat (autogen-agentchat) against this package's stack "
                              "and time its turns (default 0; --shape 7b 5; needs autogen-agentchat: the autogen extra)")
+    parser.add_argument("--long-chat", type=int, default=None, metavar="TOKENS",
+                        help="Also grow an agent chat (whole history sent each turn) to this many tokens against "
+                             "this package's stack, with the worker's peak memory over it (default 0; --shape 7b 4000)")
+    parser.add_argument("--memory-cgroup", type=float, default=None, metavar="GIB",
+                        help="Run this package's worker inside a memory cgroup this big (the kernel enforces it as "
+                             "on a machine that small; needs root or a delegated cgroup)")
     parser.add_argument("--gguf", default=None,
                         help="The GGUF llama.cpp runs (default with --against llama-cpp: the demo model's); "
                              "--model-path must then be the same model as a Hugging Face checkpoint")
@@ -199,6 +205,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         stock_dtypes=stock_dtypes(option("stock_dtypes", "float32,bfloat16" if big else "float32")),
         long_prompt_tokens=option("long_prompt", 1000 if big else 0),
         agent_chat_turns=option("agent_chat", 5 if big else 0),
+        long_chat_tokens=option("long_chat", 4000 if big else 0),
+        memory_cgroup_mb=args.memory_cgroup * 1024 if getattr(args, "memory_cgroup", None) else None,
     )
 
 
@@ -236,6 +244,14 @@ def main_args(args: argparse.Namespace) -> int:
 
         if llama_cpp_version() is None:
             print(f"fastchat-bigdl bench: --against llama-cpp needs llama-cpp-python: {INSTALL_HINT}", file=sys.stderr)
+            return 2
+    if s.memory_cgroup_mb:
+        from fastchat_bigdl.bench.memory_cgroup import CgroupUnavailable, MemoryCgroup
+
+        try:
+            MemoryCgroup(f"fastchat-bigdl-bench-probe-{os.getpid()}", s.memory_cgroup_mb).remove()
+        except CgroupUnavailable as exc:
+            print(f"fastchat-bigdl bench: --memory-cgroup: {exc}", file=sys.stderr)
             return 2
     report = run(s, progress=lambda line: print(line, flush=True))
     print()

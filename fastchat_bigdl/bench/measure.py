@@ -36,6 +36,8 @@ class StackResult:
     start_peak_anon_mb: List[Optional[float]] = field(default_factory=list)
     long_prompt: Optional[dict] = None  # TTFT of one long prompt (settings.long_prompt_tokens)
     agent_chat: Optional[dict] = None  # an AutoGen two-agent chat's turns (bench.agent_chat)
+    long_chat: Optional[dict] = None  # an agent chat grown to settings.long_chat_tokens, and the worker's peak
+    memory_cgroup: List[dict] = field(default_factory=list)  # each start's cgroup: limit, peak, OOM kills
     failure: Optional[str] = None  # why this stack could not be measured (e.g. it did not fit)
 
 
@@ -185,6 +187,17 @@ def peak_rss_mb(pid: int) -> Optional[float]:
     return _status_mb(pid, "VmHWM:")
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Restart the process's resident high-water mark from its current RSS (Linux 4.0+),
+    so a later ``peak_rss_mb`` covers only what came after; False where not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def worker_load_seconds(log: str) -> Optional[float]:
     match = re.findall(r"(?:Converted|Loaded cached) .* in ([0-9.]+) s", log)
     return float(match[-1]) if match else None
@@ -232,6 +245,72 @@ def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], prog
     return turns
 
 
+LONG_CHAT_TURN_TOKENS = 500  # new tokens a turn of the long chat (a pasted document, a tool result), at most
+
+
+def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], pid: int, progress) -> Optional[dict]:
+    """An agent chat whose history grows up to 500 tokens a turn to ``s.long_chat_tokens``
+    (the whole history sent every turn, as AutoGen does), and the worker's peak resident
+    memory over it (its high-water mark reset first, where the kernel allows)."""
+    if not s.long_chat_tokens:
+        return None
+    reset = reset_peak_rss(pid)
+    messages, turns, history = [{"role": "system", "content": SYSTEM}], [], count(SYSTEM)
+    turn_tokens = max(1, min(LONG_CHAT_TURN_TOKENS, s.long_chat_tokens // 4))  # four turns at least
+    while history < s.long_chat_tokens:
+        new = min(turn_tokens, s.long_chat_tokens - history)
+        messages.append({"role": "user", "content": prompt(s, new, 500 + len(turns))})
+        history = sum(count(m["content"]) for m in messages)
+        ttft, _, text = chat(messages, s.turn_max_tokens)
+        turns.append({"history_tokens": history, "ttft_s": ttft})
+        progress(f"    long chat turn {len(turns)}: history {history} tokens, ttft {ttft:.1f} s")
+        messages.append({"role": "assistant", "content": text})
+        history += count(text)
+    peak = peak_rss_mb(pid)
+    progress(f"    long chat: {history} tokens of history, worker peak RSS {(peak or 0) / 1024:.2f} GiB")
+    return {"history_tokens": history, "turns": turns, "peak_rss_mb": peak, "peak_since_reset": reset}
+
+
+def _worker_args(s: BenchSettings, low_bit: Optional[str], stock_dtype: str) -> List[str]:
+    args = ["--stream-interval", "1"]
+    if s.conv_template:
+        args += ["--conv-template", s.conv_template]
+    if low_bit:
+        args += ["--low-bit-cache", str(s.out_dir / "low-bit-cache")]
+    elif stock_dtype != "float32":
+        args += ["--dtype", stock_dtype]
+    return args
+
+
+def _served(s: BenchSettings, stack: Stack, result: StackResult, count: Callable[[str], int], progress) -> None:
+    """Everything measured through the API of a started stack."""
+    model_name, low_bit = stack.model_name, result.low_bit
+    stream_chat(stack.base_url, model_name, [{"role": "user", "content": "w5 w6"}], 2)  # warm-up
+    chat = functools.partial(stream_chat, stack.base_url, model_name)
+    result.decode = decode_runs(s, chat, count, progress)
+    result.long_prompt = long_prompt_ttft(s, chat, count, progress)
+    result.replay = agent_replay(s, chat, count, progress)
+    if result.label == OURS and s.concurrency:  # the stock worker takes turns: minutes for nothing new
+        result.concurrency = concurrency_sweep(s, stack.base_url, model_name, count, progress)
+    if result.label == OURS and s.agent_chat_turns:
+        from fastchat_bigdl.bench.agent_chat import run_agent_chat
+
+        result.agent_chat = run_agent_chat(stack.base_url, s.agent_chat_turns, s.turn_max_tokens, progress)
+    worker = stack.child("worker").proc.pid
+    result.peak_rss_mb = peak_rss_mb(worker)
+    if result.label == OURS and low_bit:
+        result.long_chat = long_chat(s, chat, count, worker, progress)
+
+
+def _memory_cgroup(s: BenchSettings, low_bit: Optional[str], start: int):
+    """Our worker's memory cgroup for this start (``--memory-cgroup``), else None."""
+    if not (low_bit and s.memory_cgroup_mb):
+        return None
+    from fastchat_bigdl.bench.memory_cgroup import MemoryCgroup
+
+    return MemoryCgroup(f"fastchat-bigdl-bench-{os.getpid()}-{start + 1}", s.memory_cgroup_mb)
+
+
 def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: Optional[str], starts: int,
                   count: Callable[[str], int], progress: Callable[[str], None],
                   stock_dtype: str = "float32") -> StackResult:
@@ -240,56 +319,50 @@ def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: O
     a result (``failure``), not a crash of the bench or the machine."""
     label = OURS if low_bit else stock_label(stock_dtype)
     result = StackResult(label, low_bit or ("bf16" if stock_dtype == "bfloat16" else None))
-    low_bit_cache = s.out_dir / "low-bit-cache"
     limit_mb = s.memory_limit_mb or (available_memory_mb() or 8192) - 2048
     for start in range(starts):
-        worker_args = ["--stream-interval", "1"]
-        if s.conv_template:
-            worker_args += ["--conv-template", s.conv_template]
-        if low_bit:
-            worker_args += ["--low-bit-cache", str(low_bit_cache)]
-        elif stock_dtype != "float32":
-            worker_args += ["--dtype", stock_dtype]
+        cgroup = _memory_cgroup(s, low_bit, start)
         stack = Stack(model_path=model_path, model_name=model_name, port=free_port(), low_bit=low_bit,
-                      log_dir=s.out_dir / "logs" / f"{label}-{start + 1}", worker_args=worker_args)
+                      log_dir=s.out_dir / "logs" / f"{label}-{start + 1}",
+                      worker_args=_worker_args(s, low_bit, stock_dtype),
+                      worker_prefix=cgroup.command_prefix() if cgroup else [])
         what = "converting" if low_bit and start == 0 else ("cached" if low_bit else stock_dtype)
-        progress(f"  {label}: start {start + 1}/{starts} ({what}; worker memory limit {limit_mb / 1024:.1f} GiB) ...")
+        where = f" in a {cgroup.limit_mb / 1024:.1f} GiB memory cgroup" if cgroup else ""
+        progress(f"  {label}: start {start + 1}/{starts} ({what}{where}; worker memory limit "
+                 f"{limit_mb / 1024:.1f} GiB) ...")
         began = time.perf_counter()
         stack.start()
         watchdog = MemoryWatchdog(stack.child("worker").proc.pid, limit_mb)
         try:
             try:
                 stack.wait_ready(s.ready_timeout, progress=lambda line: None)
-            except StackError:
-                if watchdog.killed_at_mb is None:
+                _record_start(result, stack, watchdog, began, progress)
+                if start == starts - 1:
+                    _served(s, stack, result, count, progress)
+            except (StackError, requests.RequestException):
+                oom_killed = cgroup is not None and cgroup.oom_kills()
+                if watchdog.killed_at_mb is None and not oom_killed:
                     raise
-                result.failure = watchdog.describe()
+                result.failure = watchdog.describe() if watchdog.killed_at_mb is not None else (
+                    f"the worker was OOM-killed inside its {cgroup.limit_mb / 1024:.1f} GiB memory cgroup")
                 progress(f"    {result.failure}")
                 return result
-            result.starts_s.append(time.perf_counter() - began)
-            result.start_peak_rss_mb.append(peak_rss_mb(stack.child("worker").proc.pid))
-            result.start_peak_anon_mb.append(watchdog.peak_anon_mb or None)
-            load = worker_load_seconds(stack.child("worker").log_path.read_text(errors="replace"))
-            if load is not None:
-                result.load_s.append(load)
-            progress(f"    ready in {result.starts_s[-1]:.1f} s, worker peak RSS "
-                     f"{(result.start_peak_rss_mb[-1] or 0) / 1024:.1f} GiB "
-                     f"({(result.start_peak_anon_mb[-1] or 0) / 1024:.1f} GiB anonymous)")
-            if start == starts - 1:
-                stream_chat(stack.base_url, model_name, [{"role": "user", "content": "w5 w6"}], 2)  # warm-up
-                chat = functools.partial(stream_chat, stack.base_url, model_name)
-                result.decode = decode_runs(s, chat, count, progress)
-                result.long_prompt = long_prompt_ttft(s, chat, count, progress)
-                result.replay = agent_replay(s, chat, count, progress)
-                if low_bit and s.concurrency:  # the stock worker takes turns: minutes for nothing new
-                    result.concurrency = concurrency_sweep(s, stack.base_url, model_name, count, progress)
-                if low_bit and s.agent_chat_turns:
-                    from fastchat_bigdl.bench.agent_chat import run_agent_chat
-
-                    result.agent_chat = run_agent_chat(stack.base_url, s.agent_chat_turns, s.turn_max_tokens,
-                                                       progress)
-                result.peak_rss_mb = peak_rss_mb(stack.child("worker").proc.pid)
         finally:
             watchdog.stop()
             stack.stop()
+            if cgroup is not None:
+                result.memory_cgroup.append(cgroup.summary())
+                cgroup.remove()
     return result
+
+
+def _record_start(result: StackResult, stack: Stack, watchdog: "MemoryWatchdog", began: float, progress) -> None:
+    result.starts_s.append(time.perf_counter() - began)
+    result.start_peak_rss_mb.append(peak_rss_mb(stack.child("worker").proc.pid))
+    result.start_peak_anon_mb.append(watchdog.peak_anon_mb or None)
+    load = worker_load_seconds(stack.child("worker").log_path.read_text(errors="replace"))
+    if load is not None:
+        result.load_s.append(load)
+    progress(f"    ready in {result.starts_s[-1]:.1f} s, worker peak RSS "
+             f"{(result.start_peak_rss_mb[-1] or 0) / 1024:.1f} GiB "
+             f"({(result.start_peak_anon_mb[-1] or 0) / 1024:.1f} GiB anonymous)")

@@ -44,6 +44,8 @@ def summarize(result: StackResult, shape: LlamaShape, bandwidth_gbs: float) -> d
         "start_peak_anon_mb": result.start_peak_anon_mb,
         "long_prompt": result.long_prompt,
         "agent_chat": result.agent_chat,
+        "long_chat": result.long_chat,
+        "memory_cgroup": result.memory_cgroup,
         "failed": result.failure,
         "concurrency": result.concurrency,
         "roofline": {"bytes_per_token": bytes_per_token, "tok_s": roofline,
@@ -127,6 +129,13 @@ def targets(report: dict) -> dict:
                                                      6.0, "le")
         checks["converting worker peak memory (anonymous) <= 16 GB"] = (converting / GB if converting else None,
                                                                         16.0, "le")
+    long = ours.get("long_chat") or {}
+    if long.get("peak_rss_mb"):
+        checks[f"worker peak RSS over a {long['history_tokens']}-token chat <= 6 GB"] = (
+            long["peak_rss_mb"] / GB, 6.0, "le")
+    for i, group in enumerate(ours.get("memory_cgroup") or []):
+        checks[f"start {i + 1} in a {group['limit_mb'] / 1024:.0f} GiB memory cgroup: OOM kills"] = (
+            group["oom_kills"], 0, "le")
     if "vs_llama_cpp" in report:
         checks["decode >= 0.6x llama.cpp"] = (report["vs_llama_cpp"]["decode_speedup"], 0.6, "ge")
     sweep = {r["streams"]: r for r in ours.get("concurrency") or []}
@@ -229,6 +238,7 @@ def _notes(report: dict) -> list:
         times = ", ".join(f"{t['seconds']:.1f}" for t in chat.get("turns", []))
         out.append(f"AutoGen two-agent chat: {len(chat.get('turns', []))} turns ({times} s)"
                    + (f"; error: {chat['error']}" if chat.get("error") else "; completed"))
+    out += _memory_lines(ours)
     out.append(f"memory bandwidth {report['machine']['bandwidth_gbs']:.1f} GB/s; "
                f"model {report['model']['params'] / 1e6:.0f} M params; {report['machine'].get('cpu', '')}")
     if "profile" in report:
@@ -248,6 +258,20 @@ def _notes(report: dict) -> list:
                    f"p99 {f(r['gap_p99_ms'], '{:.0f}')} ms, {len(r['errors'])} errors")
     for name, t in report["targets"].items():
         out.append(f"target {name}: {f(t['value'])} -> {'met' if t['met'] else 'NOT met'}")
+    return out
+
+
+def _memory_lines(ours: dict) -> list:
+    """The long chat's and the memory cgroup's lines."""
+    out = []
+    long = ours.get("long_chat")
+    if long:
+        ttfts = ", ".join(f"{t['ttft_s']:.1f}" for t in long["turns"])
+        out.append(f"long agent chat: {long['history_tokens']} tokens of history in {len(long['turns'])} turns "
+                   f"(TTFT {ttfts} s); worker peak RSS over it {_fmt((long['peak_rss_mb'] or 0) / GB)} GB")
+    for i, group in enumerate(ours.get("memory_cgroup") or []):
+        out.append(f"start {i + 1} in a {group['limit_mb'] / 1024:.1f} GiB memory cgroup ({group['cgroup']}): "
+                   f"peak {_fmt((group['peak_mb'] or 0) / 1024)} GiB, OOM kills {group['oom_kills']}")
     return out
 
 

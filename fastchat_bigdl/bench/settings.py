@@ -50,6 +50,8 @@ class BenchSettings:
     long_prompt_tokens: int = 0  # also the TTFT of one prompt this long (0: not measured)
     agent_chat_turns: int = 0  # also an AutoGen two-agent chat against ours (0: not run)
     memory_limit_mb: Optional[float] = None  # a worker's resident memory limit (None: available - 2 GiB)
+    long_chat_tokens: int = 0  # also an agent chat grown to this many tokens of history (ours; 0: not run)
+    memory_cgroup_mb: Optional[float] = None  # our worker inside a memory cgroup this big (bench.memory_cgroup)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 

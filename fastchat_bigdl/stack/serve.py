@@ -146,6 +146,7 @@ class Stack:
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # for chat requests without max_tokens; 0: none
     python: str = sys.executable
     web_port: Optional[int] = None  # FastChat's chat page on 127.0.0.1:web_port (serve --web)
+    worker_prefix: List[str] = field(default_factory=list)  # a command the worker runs under (bench's cgroup)
     children: List[Child] = field(default_factory=list)
     controller_url: str = ""
     _reported: set = field(default_factory=set)
@@ -182,7 +183,7 @@ class Stack:
             module, low_bit_args = "fastchat_bigdl.model_worker", ["--bigdl_load"]
             if self.low_bit != AUTO_LOW_BIT:
                 low_bit_args += ["--low-bit", self.low_bit]
-        return [self.python, "-m", module, *low_bit_args, "--model-path", self.model_path,
+        return [*self.worker_prefix, self.python, "-m", module, *low_bit_args, "--model-path", self.model_path,
                 "--model-names", self.model_name, "--device", self.device, "--host", "127.0.0.1",
                 "--port", str(port), "--worker-address", f"http://127.0.0.1:{port}",
                 "--controller-address", controller, *self.worker_args]
