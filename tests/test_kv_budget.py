@@ -70,6 +70,25 @@ def test_available_memory_counts_cgroup_limits(tmp_path):
     assert kv_budget.default_kv_budget_bytes(10 << 30) == int(0.6 * (10 << 30))
 
 
+def test_available_memory_counts_the_processs_own_v1_memory_cgroup(tmp_path):
+    """cgroup v1 (Docker on older hosts, bench --memory-cgroup here): the limit is on the
+    process's own group in the memory hierarchy, not on the hierarchy's root."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:  8000 kB\n")
+    root, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    memory = root / "memory"
+    group = memory / "bench" / "worker"
+    group.mkdir(parents=True)
+    own.write_text("5:devices:/\n4:memory:/bench/worker\n0::/\n")
+    for directory, limit, usage in ((memory, 9223372036854771712, 5000), (memory / "bench", 6000 * 1024, 0),
+                                    (group, 3000 * 1024, 1000 * 1024)):
+        (directory / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (directory / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    assert kv_budget.available_memory_bytes(meminfo, root, own) == 2000 * 1024  # its own group's room
+    (group / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert kv_budget.available_memory_bytes(meminfo, root, own) == 6000 * 1024  # then the ancestor's
+
+
 @pytest.fixture(scope="module")
 def lean(tiny_llama):
     backend = resolve_backend()

@@ -248,13 +248,17 @@ def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], prog
 LONG_CHAT_TURN_TOKENS = 500  # new tokens a turn of the long chat (a pasted document, a tool result), at most
 
 
-def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], pid: int, progress) -> Optional[dict]:
+def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], watchdog: "MemoryWatchdog",
+              progress) -> Optional[dict]:
     """An agent chat whose history grows up to 500 tokens a turn to ``s.long_chat_tokens``
-    (the whole history sent every turn, as AutoGen does), and the worker's peak resident
-    memory over it (its high-water mark reset first, where the kernel allows)."""
+    (the whole history sent every turn, as AutoGen does), and the worker's peak memory
+    over it: resident (its high-water mark reset first, where the kernel allows; counts
+    the low-bit weights mapped from the cache file) and anonymous (the watchdog's)."""
     if not s.long_chat_tokens:
         return None
+    pid = watchdog.pid
     reset = reset_peak_rss(pid)
+    watchdog.peak_anon_mb = anon_mb(pid) or 0.0
     messages, turns, history = [{"role": "system", "content": SYSTEM}], [], count(SYSTEM)
     turn_tokens = max(1, min(LONG_CHAT_TURN_TOKENS, s.long_chat_tokens // 4))  # four turns at least
     while history < s.long_chat_tokens:
@@ -266,9 +270,11 @@ def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], pid: in
         progress(f"    long chat turn {len(turns)}: history {history} tokens, ttft {ttft:.1f} s")
         messages.append({"role": "assistant", "content": text})
         history += count(text)
-    peak = peak_rss_mb(pid)
-    progress(f"    long chat: {history} tokens of history, worker peak RSS {(peak or 0) / 1024:.2f} GiB")
-    return {"history_tokens": history, "turns": turns, "peak_rss_mb": peak, "peak_since_reset": reset}
+    peak, anon = peak_rss_mb(pid), watchdog.peak_anon_mb
+    progress(f"    long chat: {history} tokens of history, worker peak RSS {(peak or 0) / 1024:.2f} GiB "
+             f"({anon / 1024:.2f} GiB anonymous)")
+    return {"history_tokens": history, "turns": turns, "peak_rss_mb": peak, "peak_anon_mb": anon,
+            "peak_since_reset": reset}
 
 
 def _worker_args(s: BenchSettings, low_bit: Optional[str], stock_dtype: str) -> List[str]:
@@ -282,7 +288,8 @@ def _worker_args(s: BenchSettings, low_bit: Optional[str], stock_dtype: str) -> 
     return args
 
 
-def _served(s: BenchSettings, stack: Stack, result: StackResult, count: Callable[[str], int], progress) -> None:
+def _served(s: BenchSettings, stack: Stack, result: StackResult, watchdog: "MemoryWatchdog",
+            count: Callable[[str], int], progress) -> None:
     """Everything measured through the API of a started stack."""
     model_name, low_bit = stack.model_name, result.low_bit
     stream_chat(stack.base_url, model_name, [{"role": "user", "content": "w5 w6"}], 2)  # warm-up
@@ -296,10 +303,9 @@ def _served(s: BenchSettings, stack: Stack, result: StackResult, count: Callable
         from fastchat_bigdl.bench.agent_chat import run_agent_chat
 
         result.agent_chat = run_agent_chat(stack.base_url, s.agent_chat_turns, s.turn_max_tokens, progress)
-    worker = stack.child("worker").proc.pid
-    result.peak_rss_mb = peak_rss_mb(worker)
+    result.peak_rss_mb = peak_rss_mb(watchdog.pid)
     if result.label == OURS and low_bit:
-        result.long_chat = long_chat(s, chat, count, worker, progress)
+        result.long_chat = long_chat(s, chat, count, watchdog, progress)
 
 
 def _memory_cgroup(s: BenchSettings, low_bit: Optional[str], start: int):
@@ -338,7 +344,7 @@ def measure_stack(s: BenchSettings, model_path: str, model_name: str, low_bit: O
                 stack.wait_ready(s.ready_timeout, progress=lambda line: None)
                 _record_start(result, stack, watchdog, began, progress)
                 if start == starts - 1:
-                    _served(s, stack, result, count, progress)
+                    _served(s, stack, result, watchdog, count, progress)
             except (StackError, requests.RequestException):
                 oom_killed = cgroup is not None and cgroup.oom_kills()
                 if watchdog.killed_at_mb is None and not oom_killed:

@@ -121,18 +121,27 @@ def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup_root: P
 
 
 def _cgroup_limits(root: Path, own: Path):
-    """(limit file, usage file) of every memory cgroup that bounds this process."""
-    v1 = root / "memory"
-    pairs = [(v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes")]
+    """(limit file, usage file) of every memory cgroup that bounds this process: its own
+    group and each ancestor, in the v1 memory hierarchy (``N:memory:/path``) and in v2
+    (``0::/path``)."""
     try:
-        line = next(x for x in own.read_text().splitlines() if x.startswith("0::"))
-    except (OSError, StopIteration):
-        return pairs
-    group = root / line[3:].strip().lstrip("/")
-    for level in [group, *group.parents]:
-        pairs.append((level / "memory.max", level / "memory.current"))
-        if level == root:
-            break
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    pairs = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "":  # v2
+            top, files = root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            top, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        group = top / path.strip().lstrip("/")
+        for level in [group, *group.parents]:
+            pairs.append((level / files[0], level / files[1]))
+            if level == top:
+                break
     return pairs
 
 
