@@ -29,7 +29,6 @@ ALLOWED: Dict[str, Set[str]] = {
     "__main__": {"cli"},
     "model_worker": {"worker"},
     "openai_api_server": {"api"},
-    "web_server": {"web"},
 }
 LOW_BIT_LIBRARIES = ("ipex_llm", "bigdl", "intel_extension_for_pytorch")
 HEAVY_FOR_CLIENTS = ("torch", "transformers", "fastchat", PACKAGE)

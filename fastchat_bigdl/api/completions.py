@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import AsyncIterator, Dict, List
+from typing import AsyncIterator, List
 
 import shortuuid
 from fastapi import APIRouter, Depends, Request
@@ -23,34 +23,23 @@ from fastapi.responses import StreamingResponse
 from fastchat.protocol.openai_api_protocol import CompletionRequest
 from fastchat.serve import openai_api_server as upstream
 
+from fastchat_bigdl.api.choices import add_usage, choice_params, no_usage, wants_usage_chunk
 from fastchat_bigdl.common.errors import error_response
-from fastchat_bigdl.common.validation import PARSED_BODY
+from fastchat_bigdl.common.validation import PARSED_BODY, RouteOnParsedBody
 
 COMPLETIONS_PATH = "/v1/completions"
 SEEDED_PATH = "/fastchat_bigdl/v1/completions_seeded"
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 router = APIRouter()
 
 
-def needs_this_handler(data: dict) -> bool:
-    return data.get("seed") is not None or (
-        data.get("stream") is True and bool((data.get("stream_options") or {}).get("include_usage")))
+class RouteCompletions(RouteOnParsedBody):
+    """Completions with a seed or asking for the usage chunk go to this module's route."""
 
+    path, target = COMPLETIONS_PATH, SEEDED_PATH
 
-class RouteCompletions:
-    """ASGI middleware behind ``ValidateRequests``: completions with a seed or asking for
-    the usage chunk go to this module's route, decided on the body it parsed."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == COMPLETIONS_PATH:
-            data = scope.get("state", {}).get(PARSED_BODY)
-            if data is not None and needs_this_handler(data):
-                scope = dict(scope, path=SEEDED_PATH, raw_path=SEEDED_PATH.encode())
-        await self.app(scope, receive, send)
+    async def wants(self, data: dict) -> bool:
+        return data.get("seed") is not None or wants_usage_chunk(data)
 
 
 async def _choice_params(request: CompletionRequest, worker_addr: str, seed) -> List[dict]:
@@ -62,11 +51,10 @@ async def _choice_params(request: CompletionRequest, worker_addr: str, seed) -> 
             top_k=request.top_k, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, max_tokens=request.max_tokens,
             logprobs=request.logprobs, echo=request.echo, stop=request.stop)
-        params.extend(dict(base) for _ in range(request.n))
-    if seed is not None:
-        for index, choice in enumerate(params):
-            choice["seed"] = (int(seed) + index) % (1 << 64)
-    return params
+        if seed is not None:
+            base["seed"] = int(seed)
+        params.extend([base] * request.n)
+    return [choice_params(p, index) for index, p in enumerate(params)]
 
 
 @router.post(SEEDED_PATH, dependencies=[Depends(upstream.check_api_key)])
@@ -86,24 +74,18 @@ async def seeded_completions(raw: Request):
             request.max_tokens = max_tokens
     params = await _choice_params(request, worker_addr, data.get("seed"))
     if request.stream:
-        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(request.model, params, worker_addr, include_usage),
+        return StreamingResponse(_stream(request.model, params, worker_addr, wants_usage_chunk(data)),
                                  media_type="text/event-stream")
     results = await asyncio.gather(*(upstream.generate_completion(p, worker_addr) for p in params))
-    choices, usage = [], dict.fromkeys(USAGE_KEYS, 0)
+    choices, usage = [], no_usage()
     for index, content in enumerate(results):
         if content["error_code"] != 0:
             return error_response(content["error_code"], content["text"])
         choices.append({"index": index, "text": content["text"], "finish_reason": content.get("finish_reason", "stop"),
                         "logprobs": _logprobs(content.get("logprobs"))})
-        _add_usage(usage, content)
+        add_usage(usage, content)
     return {"id": f"cmpl-{shortuuid.random()}", "object": "text_completion", "created": int(time.time()),
             "model": request.model, "choices": choices, "usage": usage}
-
-
-def _add_usage(total: Dict[str, int], content: dict) -> None:
-    for key in USAGE_KEYS:
-        total[key] += (content.get("usage") or {}).get(key, 0)
 
 
 def _logprobs(worker_logprobs, start: int = 0):
@@ -121,7 +103,7 @@ async def _stream(model: str, params: List[dict], worker_addr: str, include_usag
     """Each choice in turn, as FastChat streams completions; the usage chunk last if asked."""
     head = {"id": f"cmpl-{shortuuid.random()}", "object": "text_completion", "created": int(time.time()),
             "model": model}
-    usage = dict.fromkeys(USAGE_KEYS, 0)
+    usage = no_usage()
     for index, choice in enumerate(params):
         sent, tokens_sent, finish_reason, content = "", 0, None, {}
         async for content in upstream.generate_completion_stream(choice, worker_addr):
@@ -139,7 +121,7 @@ async def _stream(model: str, params: List[dict], worker_addr: str, include_usag
                 sent = text
         yield _event({**head, "choices": [{"index": index, "text": "", "finish_reason": finish_reason or "stop",
                                           "logprobs": None}]})
-        _add_usage(usage, content)
+        add_usage(usage, content)
     if include_usage:
         yield _event({**head, "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"

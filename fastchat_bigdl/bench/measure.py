@@ -72,6 +72,10 @@ class MemoryWatchdog:
                     pass
                 return
 
+    def restart_peak(self) -> None:
+        """Count the peak from now on (``peak_anon_mb`` covers what comes after)."""
+        self.peak_anon_mb = anon_mb(self.pid) or 0.0
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
@@ -258,7 +262,7 @@ def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], watchdo
         return None
     pid = watchdog.pid
     reset = reset_peak_rss(pid)
-    watchdog.peak_anon_mb = anon_mb(pid) or 0.0
+    watchdog.restart_peak()
     messages, turns, history = [{"role": "system", "content": SYSTEM}], [], count(SYSTEM)
     turn_tokens = max(1, min(LONG_CHAT_TURN_TOKENS, s.long_chat_tokens // 4))  # four turns at least
     while history < s.long_chat_tokens:

@@ -40,17 +40,15 @@ class MemoryCgroup:
         try:
             self.path.mkdir(exist_ok=True)
             limit = str(int(limit_mb * 2**20))
-            self._write("memory.max" if self.version == "v2" else "memory.limit_in_bytes", limit)
-            if self.version == "v2":
-                self._write("memory.swap.max", "0")  # the limit is memory, not memory + swap
+            # v2 gives a group memory.max only where the parent delegates the controller:
+            # writing a file that is not there fails here instead of measuring without a limit
+            (self.path / ("memory.max" if self.version == "v2" else "memory.limit_in_bytes")).write_text(limit)
+            swap = self.path / "memory.swap.max"  # v2 with swap accounting: memory, not memory + swap
+            if swap.exists():
+                swap.write_text("0")
         except OSError as exc:
             raise CgroupUnavailable(f"cannot make a memory cgroup at {self.path}: {exc.strerror} "
                                     "(needs root or a delegated cgroup)") from None
-
-    def _write(self, name: str, value: str) -> None:
-        path = self.path / name
-        if path.exists():
-            path.write_text(value)
 
     def _read(self, name: str) -> Optional[str]:
         try:

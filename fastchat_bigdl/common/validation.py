@@ -136,3 +136,24 @@ class ValidateRequests:
             raise Invalid(f"checking the request took longer than {self.check_seconds:g} s; its tool or "
                           "response_format schemas are too large or complex to enforce",
                           ErrorCode.PARAM_OUT_OF_RANGE) from None
+
+
+class RouteOnParsedBody:
+    """ASGI middleware behind ``ValidateRequests``: a POST to ``path`` goes to the route at
+    ``target`` when ``wants`` the body ValidateRequests parsed and checked; any other
+    request, to FastChat's handler unchanged. Subclasses set the paths and ``wants``."""
+
+    path = target = ""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def wants(self, data: dict) -> bool:
+        raise NotImplementedError
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == self.path:
+            data = scope.get("state", {}).get(PARSED_BODY)
+            if data is not None and await self.wants(data):
+                scope = dict(scope, path=self.target, raw_path=self.target.encode())
+        await self.app(scope, receive, send)

@@ -127,7 +127,7 @@ class Child:
 # For the stock baseline (low_bit=None) too: FastChat's own API server module cannot
 # stream on pydantic 2 (see api.pydantic_compat); this is the same server, adapted.
 API_MODULE = "fastchat_bigdl.openai_api_server"
-WEB_MODULE = "fastchat_bigdl.web_server"  # FastChat's gradio chat page (serve --web)
+WEB_MODULE = "fastchat_bigdl.web"  # FastChat's gradio chat page (serve --web)
 WEB_PORT = 7860  # gradio's usual port
 
 

@@ -1,4 +1,4 @@
-"""``python -m fastchat_bigdl.web_server``: FastChat's gradio chat page against a controller,
+"""``python -m fastchat_bigdl.web``: FastChat's gradio chat page against a controller,
 on loopback, offline, with the two adaptations of this package (``gradio_compat``,
 ``templates``).
 

@@ -29,13 +29,14 @@ from jinja2.exceptions import TemplateError
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
 from fastchat.serve import openai_api_server as upstream
 
+from fastchat_bigdl.api.choices import add_usage, choice_params, no_usage, wants_usage_chunk
 from fastchat_bigdl.common.errors import error_response
 from fastchat_bigdl.api.tool_calling.formats import ToolFormat
 from fastchat_bigdl.api.tool_calling.grammar import output_grammar
 from fastchat_bigdl.api.tool_calling.parse import ParsedReply, StreamSplitter, parse_reply
 from fastchat_bigdl.api.tool_calling.prompt import Prompt, render_prompt
 from fastchat_bigdl.api.tool_calling.spec import ToolRequest, tool_request, uses_tools_or_json
-from fastchat_bigdl.common.validation import PARSED_BODY
+from fastchat_bigdl.common.validation import PARSED_BODY, RouteOnParsedBody
 
 CHAT_PATH = "/v1/chat/completions"
 TOOLS_PATH = "/fastchat_bigdl/v1/chat/completions_with_tools"
@@ -129,19 +130,6 @@ def _call_deltas(message: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(message.get("tool_calls", []))]
 
 
-def _choice_params(gen_params: dict, index: int) -> dict:
-    """The parameters of choice ``index`` of ``n``: a seeded request's choices each get a
-    seed of their own (seed + index), so they differ and each is reproducible."""
-    if "seed" not in gen_params:
-        return gen_params
-    return dict(gen_params, seed=(gen_params["seed"] + index) % (1 << 64))
-
-
-def _add_usage(total: Dict[str, int], content: dict) -> None:
-    for key in total:
-        total[key] += (content.get("usage") or {}).get(key, 0)
-
-
 def _usage_chunk(completion_id: str, model: str, usage: Dict[str, int]) -> str:
     """``stream_options.include_usage``: the last chunk, with the usage and no choices."""
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
@@ -152,12 +140,12 @@ def _usage_chunk(completion_id: str, model: str, usage: Dict[str, int]) -> str:
 async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, request: ToolRequest,
                   names: List[str], fmt: ToolFormat, include_usage: bool = False) -> AsyncIterator[str]:
     completion_id = f"chatcmpl-{shortuuid.random()}"
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = no_usage()
     for index in range(n):
         yield _chunk(completion_id, model, index, {"role": "assistant"})
         splitter, text, finish_reason, content = StreamSplitter(fmt), "", None, {}
         logprobs = _LogprobsSent(gen_params.get("logprobs") is not None)
-        async for content in upstream.generate_completion_stream(_choice_params(gen_params, index), worker_addr):
+        async for content in upstream.generate_completion_stream(choice_params(gen_params, index), worker_addr):
             if content.get("error_code", 0) != 0:
                 error = {"object": "error", "message": content["text"], "code": content["error_code"]}
                 yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
@@ -176,7 +164,7 @@ async def _stream(model: str, gen_params: dict, n: int, worker_addr: str, reques
         for delta in _call_deltas(message):
             yield _chunk(completion_id, model, index, delta)
         yield _chunk(completion_id, model, index, {}, call_finish or finish_reason or "stop", logprobs=logprobs.new())
-        _add_usage(usage, content)
+        add_usage(usage, content)
     if include_usage:
         yield _usage_chunk(completion_id, model, usage)
     yield "data: [DONE]\n\n"
@@ -248,9 +236,9 @@ async def chat_completions_with_tools(raw: Request):
     if data.get("stream"):
         return StreamingResponse(_stream(model, gen_params, n, worker_addr, request, names, fmt,
                                          include_usage=wants_usage_chunk(data)), media_type="text/event-stream")
-    results = await asyncio.gather(*(upstream.generate_completion(_choice_params(gen_params, i), worker_addr)
+    results = await asyncio.gather(*(upstream.generate_completion(choice_params(gen_params, i), worker_addr)
                                      for i in range(n)))
-    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    choices, usage = [], no_usage()
     for index, content in enumerate(results):
         if content["error_code"] != 0:
             return error_response(content["error_code"], content["text"])
@@ -259,16 +247,12 @@ async def chat_completions_with_tools(raw: Request):
         message, call_finish = _message(reply, request)
         choices.append({"index": index, "message": message, "finish_reason": call_finish or finish_reason,
                         "logprobs": chat_logprobs(content.get("logprobs")) if data.get("logprobs") else None})
-        _add_usage(usage, content)
+        add_usage(usage, content)
     return {"id": f"chatcmpl-{shortuuid.random()}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage}
 
 
 _needs_template: Dict[str, bool] = {}
-
-
-def wants_usage_chunk(data: dict) -> bool:
-    return data.get("stream") is True and bool((data.get("stream_options") or {}).get("include_usage"))
 
 
 def needs_this_handler(data: dict) -> bool:
@@ -295,18 +279,12 @@ async def renders_with_template(model: Any) -> bool:
     return _needs_template[model]
 
 
-class RouteToolRequests:
-    """ASGI middleware behind ``ValidateRequests``: chat completions that use tools or ask
-    for JSON, and every chat of a model whose prompts its own template must render, go to
-    this module's route; everything else to FastChat's handler. It decides on the body
-    ValidateRequests parsed and checked."""
+class RouteToolRequests(RouteOnParsedBody):
+    """Chat completions that use tools or ask for JSON, and every chat of a model whose
+    prompts its own template must render, go to this module's route; everything else to
+    FastChat's handler."""
 
-    def __init__(self, app):
-        self.app = app
+    path, target = CHAT_PATH, TOOLS_PATH
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope.get("path") == CHAT_PATH:
-            data = scope.get("state", {}).get(PARSED_BODY)
-            if data is not None and (needs_this_handler(data) or await renders_with_template(data.get("model"))):
-                scope = dict(scope, path=TOOLS_PATH, raw_path=TOOLS_PATH.encode())
-        await self.app(scope, receive, send)
+    async def wants(self, data: dict) -> bool:
+        return needs_this_handler(data) or await renders_with_template(data.get("model"))

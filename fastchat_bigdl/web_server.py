@@ -1,6 +1,0 @@
-"""``python -m fastchat_bigdl.web_server``: FastChat's gradio chat page for this package's
-stack (see ``fastchat_bigdl.web``); ``fastchat-bigdl serve --web`` starts it."""
-from fastchat_bigdl.web.server import main
-
-if __name__ == "__main__":
-    main()
