@@ -5,8 +5,11 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import List, Optional, Tuple
+
+from autogen_local.netenv import LOOPBACK_HOSTS
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 BASE_URL_ENV = "FASTCHAT_BIGDL_BASE_URL"
@@ -30,12 +33,23 @@ def resolve_api_key(api_key: Optional[str] = None) -> str:
     return api_key or os.environ.get("OPENAI_API_KEY") or DEFAULT_API_KEY
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _opener_for(url: str):
+    """Loopback never through a proxy, even one set after import (which is when the
+    environment's NO_PROXY was merged); other hosts as the environment says."""
+    if urllib.parse.urlsplit(url).hostname in LOOPBACK_HOSTS:
+        return _DIRECT
+    return urllib.request.build_opener()
+
+
 def _request(url: str, api_key: str, body: Optional[dict] = None, timeout: float = 10.0) -> Tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={
         "Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _opener_for(url).open(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as err:
         try:

@@ -117,7 +117,8 @@ def test_history_beyond_the_context_is_trimmed_not_an_error(ready):
     with pytest.raises(BadRequestError, match="maximum context length is 256 tokens"):
         ag2_long_chat(untrimmed)
     reply = ag2_long_chat(autogen_local.model_config(MODEL, ready.base_url, wait=False, max_tokens=4))
-    assert reply.body is not None and reply.response.usage.prompt_tokens < 256
+    # answered (an empty reply is an answer too: how a random model's greedy reply starts depends on the CPU)
+    assert reply.response.usage.prompt_tokens < 256
 
 
 def test_prompt_longer_than_context_is_40303_with_counts_and_worker_keeps_serving(ready):

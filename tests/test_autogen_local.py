@@ -229,6 +229,27 @@ def test_wait_ready_on_a_dead_endpoint_names_it(tmp_path):
     assert url in str(err.value) and "my-model" in str(err.value) and "listed nothing" in str(err.value)
 
 
+def test_wait_ready_reaches_loopback_past_a_proxy_set_after_import(monkeypatch):
+    class Handler(JSONHandler):
+        def do_GET(self):
+            self.reply({"object": "list", "data": [{"id": "m"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(CHAT_COMPLETION)
+
+    url, server = stand_in(Handler)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        assert autogen_local.wait_ready(url, timeout=5) == "m"
+        assert autogen_local.list_models(url.replace("127.0.0.1", "localhost")) == ["m"]
+    finally:
+        server.shutdown()
+
+
 def msg(role, n, ch="x"):
     return {"role": role, "content": ch * n}
 

@@ -139,3 +139,18 @@ def test_the_worker_is_alive_and_serves_after_all_of_them(stack):
     r = chat(stack.base_url, M)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     assert stack.child("worker").proc.pid == pid and stack.child("worker").alive()
+
+
+@pytest.mark.parametrize("route", [{}, {"seed": 7}], ids=["fastchat-handler", "own-route"])
+def test_an_empty_reply_sent_back_as_null_is_prompted_as_the_empty_reply(stack, route):
+    # ag2 replays an empty assistant reply as {"content": null}: OpenAI clients expect that to work.
+    def ask(reply_content):
+        messages = USER + [{"role": "assistant", "content": reply_content}, {"role": "user", "content": "and?"}]
+        r = requests.post(url_for(stack, "chat"), json=body(messages=messages, temperature=0, **route), timeout=120)
+        assert r.status_code == 200, r.text[:300]
+        return r.json()["usage"]["prompt_tokens"], r.json()["choices"][0]["message"]["content"]
+
+    assert ask(None) == ask("")
+    without = requests.post(url_for(stack, "chat"), json=body(messages=USER + [{"role": "assistant"}], **route),
+                            timeout=120)
+    assert without.status_code == 200, without.text[:300]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastchat.constants import ErrorCode
 
@@ -77,9 +78,8 @@ def check_chat(data: dict) -> None:
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise Invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, not {json.dumps(role)[:40]}")
-        calls = role == "assistant" and (message.get("tool_calls") or message.get("function_call"))
-        if calls and message.get("content") is None:
-            continue  # an assistant turn that only called tools
+        if role == "assistant" and message.get("content") is None:
+            continue  # a turn that only called tools, or an empty reply replayed (ag2 sends null for it)
         _check_content(i, message)
     if uses_tools_or_json(data):
         tool_request(data)
@@ -118,12 +118,28 @@ OPENAI_CHECKS = {
 }
 
 
+def _empty_replies_as_text(data: dict) -> dict:
+    """An assistant turn without content and without calls is an empty reply: FastChat's
+    handler needs it as "" (its conversation reads None as "the model speaks next")."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not any(_empty_reply(m) for m in messages):
+        return data
+    return {**data, "messages": [{**m, "content": ""} if _empty_reply(m) else m for m in messages]}
+
+
+def _empty_reply(message: Any) -> bool:
+    return (isinstance(message, dict) and message.get("role") == "assistant" and message.get("content") is None
+            and not message.get("tool_calls") and not message.get("function_call"))
+
+
 def chat_defaults(default_max_tokens: int):
-    """What a chat request without ``max_tokens`` gets: its ``max_completion_tokens`` (the
+    """What a chat request without ``max_tokens`` gets (and empty replies given as null
+    get ""): its ``max_completion_tokens`` (the
     name newer OpenAI clients send), else ``default_max_tokens`` (0: nothing, so FastChat
     fills the rest of the context)."""
 
     def fill(data: dict) -> dict:
+        data = _empty_replies_as_text(data)
         if data.get("max_tokens") is None and data.get("max_completion_tokens") is not None:
             return {**data, "max_tokens": data["max_completion_tokens"]}  # OpenAI's newer name
         if default_max_tokens > 0 and data.get("max_tokens") is None:
