@@ -245,7 +245,7 @@ def write_tiny_gguf(hf_dir: Path, out: Path, quant: str = "F32", arch: str = "ll
 LONG_TURN = " ".join(["the quick brown fox jumps over the lazy dog"] * 5)
 
 
-def ag2_long_chat(config, turns: int = 6):
+def ag2_long_chat(config, turns: int = 6, turn_text: str = LONG_TURN):
     """An ag2 1.x agent chat continued turn by turn (``reply.ask``): with the tiny models'
     256-token context the prompt outgrows it by the third turn. Returns the last reply."""
     import asyncio
@@ -255,9 +255,9 @@ def ag2_long_chat(config, turns: int = 6):
     agent = ag2.Agent("assistant", "You are helpful.", config=config)
 
     async def chat():
-        reply = await agent.ask(f"0 {LONG_TURN}")
+        reply = await agent.ask(f"0 {turn_text}")
         for i in range(1, turns):
-            reply = await reply.ask(f"{i} {LONG_TURN}")
+            reply = await reply.ask(f"{i} {turn_text}")
         return reply
 
     return asyncio.run(chat())

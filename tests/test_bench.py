@@ -236,6 +236,7 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path):
     # --long-chat: four turns of 50 new tokens at least, the history sent whole each time
     assert len(long["turns"]) >= 4 and long["history_tokens"] >= 200 and long["peak_since_reset"]
     assert [t["history_tokens"] for t in long["turns"]] == sorted(t["history_tokens"] for t in long["turns"])
+    assert all(t["sent_tokens"] == t["history_tokens"] for t in long["turns"])  # it fits: nothing trimmed
     assert 50 < long["peak_rss_mb"] <= ours["peak_rss_mb"] * 1.5 and 0 < long["peak_anon_mb"] <= long["peak_rss_mb"]
     # --memory-cgroup: both of our worker's starts ran inside a 4 GiB group and were not killed
     groups = ours["memory_cgroup"]

@@ -89,6 +89,58 @@ def test_available_memory_counts_the_processs_own_v1_memory_cgroup(tmp_path):
     assert kv_budget.available_memory_bytes(meminfo, root, own) == 6000 * 1024  # then the ancestor's
 
 
+def test_mapped_weights_are_not_room_and_a_cgroups_reclaimable_cache_is(tmp_path):
+    """Weights read through mmap are page cache the kernel counts as reclaimable, but the
+    model touches all of them every token; other page cache in a cgroup can go."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:  8000 kB\n")
+    root, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    root.mkdir()
+    own.write_text("0::/\n")
+    assert kv_budget.available_memory_bytes(meminfo, root, own, mapped_weights=3000 * 1024) == 5000 * 1024
+    (root / "memory.max").write_text(str(6000 * 1024))  # v2: 4000 held, 2500 of it page cache, 500 shmem
+    (root / "memory.current").write_text(str(4000 * 1024))
+    (root / "memory.stat").write_text(f"anon {1500 * 1024}\nfile {2500 * 1024}\nshmem {500 * 1024}\n")
+    assert kv_budget.available_memory_bytes(meminfo, root, own) == (6000 - 2000) * 1024
+    assert kv_budget.available_memory_bytes(meminfo, root, own, mapped_weights=3000 * 1024) == 1000 * 1024
+    (root / "memory.stat").write_text("anon 1\n")  # no page cache figures: all of it held
+    assert kv_budget.available_memory_bytes(meminfo, root, own) == 2000 * 1024
+    group = root / "memory"  # v1: total_cache / total_shmem
+    group.mkdir()
+    own.write_text("4:memory:/\n")
+    (group / "memory.limit_in_bytes").write_text(str(6000 * 1024))
+    (group / "memory.usage_in_bytes").write_text(str(4000 * 1024))
+    (group / "memory.stat").write_text(f"cache 1\ntotal_cache {2500 * 1024}\ntotal_shmem {500 * 1024}\n")
+    assert kv_budget.available_memory_bytes(meminfo, root, own, mapped_weights=1000 * 1024) == 3000 * 1024
+
+
+def test_mapped_bytes_under_a_directory_come_from_the_process_maps(tmp_path):
+    maps = tmp_path / "maps"
+    weights = tmp_path / "cache" / "entry" / "low_bit_weights.safetensors"
+    maps.write_text(f"7f0000000000-7f0000100000 r--s 00000000 08:01 12 {weights}\n"
+                    "7f0000200000-7f0000300000 r-xp 00000000 08:01 13 /usr/lib/libc.so.6\n"
+                    f"7f0000400000-7f0000402000 r--s 00100000 08:01 12 {weights}\n"
+                    "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n")
+    assert kv_budget.mapped_bytes_under(tmp_path / "cache", maps) == 0x100000 + 0x2000
+    assert kv_budget.mapped_bytes_under(tmp_path / "elsewhere", maps) == 0
+
+
+def test_weights_loaded_from_the_low_bit_cache_stay_mapped(tiny_llama, tmp_path):
+    """The premise of counting them: a cache hit maps the weights file (page cache) rather
+    than copying it into anonymous memory."""
+    import gc
+
+    from fastchat_bigdl.lowbit.weights_cache import LowBitCache
+
+    cache = LowBitCache(tmp_path / "low-bit")
+    load_low_bit_model(str(tiny_llama), torch_dtype=torch.float32, cache=cache)  # converts and saves
+    gc.collect()
+    model, _ = load_low_bit_model(str(tiny_llama), torch_dtype=torch.float32, cache=cache)  # a hit
+    stored = sum(f.stat().st_size for f in (tmp_path / "low-bit").rglob("*.safetensors"))
+    assert stored > 0 and kv_budget.mapped_bytes_under(tmp_path / "low-bit") >= 0.9 * stored
+    del model
+
+
 @pytest.fixture(scope="module")
 def lean(tiny_llama):
     backend = resolve_backend()

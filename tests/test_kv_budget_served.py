@@ -1,14 +1,15 @@
 """Memory admitted in bytes through the real stack: a flood of long requests under a KV
 budget for two at a time loses nothing and gets no 5xx; the worker's accounting never
-passes the budget; a request that can never fit is
-a 400 that says why, and the worker serves on."""
+passes the budget; the context served is what the budget holds, and a request beyond it
+is a 4xx that says why; the worker serves on."""
 import concurrent.futures
+import re
 
 import pytest
 import requests
 from transformers import AutoTokenizer
 
-from helpers import running_stack, worker_address
+from helpers import ag2_long_chat, running_stack, worker_address
 
 pytestmark = [pytest.mark.slow]
 
@@ -56,11 +57,51 @@ def test_a_flood_of_long_requests_under_a_small_budget_loses_nothing(stack, tiny
     assert budget["peak_bytes"] <= budget["budget_bytes"] and budget["reserved_bytes"] == 0
 
 
-def test_a_request_that_can_never_fit_is_a_clear_400_and_the_worker_serves_on(stack, tiny_tools):
+def test_the_context_is_what_the_budget_holds_and_a_longer_prompt_is_a_40303_with_counts(stack, tiny_tools):
+    """3 MiB hold 3,072 positions of the model's 4,096: the worker serves a 3,072-token
+    context, so a prompt that fits gets its max_tokens trimmed to the rest (FastChat's own
+    rule at the context), and a longer one the 40303 with both counts that agent clients
+    trim their history on. The worker serves on."""
+    details = requests.post(worker_address(stack) + "/model_details", json={"model": M}, timeout=10).json()
+    assert details["context_length"] == (BUDGET_MB << 20) // 1024 == 3072
+    start_up = (stack.log_dir / "worker.out").read_text()
+    assert "Context: 3072 positions, what the KV budget holds (the model's own: 4096)" in start_up
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tools))
-    r = complete(stack, long_question(tokenizer, 99, 3000), 1000)
+    fits = complete(stack, long_question(tokenizer, 98, 3000), 1000)
+    assert fits.status_code == 200, fits.text[:300]
+    usage = fits.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 3072
+    r = complete(stack, long_question(tokenizer, 99, 3500), 16)
     assert r.status_code == 400, r.text
     body = r.json()
-    assert body["code"] == 40303 and "--kv-budget-mb" in body["message"] and "MiB" in body["message"]
+    assert body["code"] == 40303
+    assert re.search(r"maximum context length is 3072 tokens\. However, your messages resulted in \d+ tokens",
+                     body["message"]), body["message"]
     again = complete(stack, "the quick brown fox", 8)
     assert again.status_code == 200 and again.json()["choices"][0]["text"] is not None
+
+
+def test_an_agent_chat_outgrowing_the_budget_keeps_going_trimmed(stack, tiny_tools):
+    """ag2 through ``autogen_local``: the history passes the 3,072 positions the budget
+    holds by the fifth turn; every turn is answered, the last from a trimmed history."""
+    import autogen_local
+    from openai import BadRequestError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tools))
+    turn = long_question(tokenizer, 7, 700)
+    untrimmed = autogen_local.model_config(M, stack.base_url, wait=False, history_limit=False, max_tokens=4)
+    with pytest.raises(BadRequestError, match="maximum context length is 3072 tokens"):
+        ag2_long_chat(untrimmed, turns=6, turn_text=turn)
+    reply = ag2_long_chat(autogen_local.model_config(M, stack.base_url, wait=False, max_tokens=4), 6, turn)
+    assert 0 < reply.response.usage.prompt_tokens <= 3072 - 4
+
+
+def test_a_request_beyond_the_budget_sent_to_the_worker_itself_is_a_clear_error(stack):
+    """Past the API server (its own clients, FastChat's other front ends): a request whose
+    KV can never fit is refused with the numbers, and the worker serves on."""
+    r = requests.post(worker_address(stack) + "/worker_generate", timeout=60, json={
+        "model": M, "prompt": "the quick brown fox", "max_new_tokens": 5000, "temperature": 0})
+    body = r.json()
+    assert body["error_code"] == 40303 and "--kv-budget-mb" in body["text"] and "MiB" in body["text"], body
+    again = complete(stack, "the quick brown fox", 8)
+    assert again.status_code == 200

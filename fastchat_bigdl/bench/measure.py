@@ -126,7 +126,7 @@ def timed_stream(base_url: str, model: str, messages: List[dict], max_tokens: in
     try:
         with requests.post(base_url + "/chat/completions", json=body, stream=True, timeout=1800) as r:
             if r.status_code != 200:
-                return arrivals, text, f"HTTP {r.status_code}: {r.text[:200]}"
+                return arrivals, text, f"HTTP {r.status_code}: {r.text[:2000]}"
             for line in r.iter_lines():
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
@@ -140,6 +140,25 @@ def timed_stream(base_url: str, model: str, messages: List[dict], max_tokens: in
     except requests.RequestException as exc:
         return arrivals, text, str(exc)
     return arrivals, text, ""
+
+
+def trimming_chat(base_url: str, model: str, messages: List[dict], max_tokens: int) -> Tuple[float, List[dict], str]:
+    """An agent client's turn: (time to first token, the messages that were sent, text),
+    the oldest turns dropped and the chat resent whenever the server answers that it
+    outgrew the context (``autogen_local``'s history trimming); other errors raise."""
+    from autogen_local.history import MAX_RESENDS, overflow_counts, trim_messages
+
+    started, sent = time.perf_counter(), messages
+    for _ in range(MAX_RESENDS + 1):
+        arrivals, text, error = timed_stream(base_url, model, sent, max_tokens)
+        if not error:
+            return (arrivals[0] if arrivals else time.perf_counter()) - started, sent, text
+        counts = overflow_counts(error.partition(": ")[2].encode()) if error.startswith("HTTP 400") else None
+        trimmed = trim_messages(sent, *counts) if counts else None
+        if trimmed is None:
+            break
+        sent = trimmed
+    raise RuntimeError(f"the server answered an error: {error[:300]}")
 
 
 def concurrency_sweep(s: BenchSettings, base_url: str, model: str, count: Callable[[str], int],
@@ -252,12 +271,14 @@ def agent_replay(s: BenchSettings, chat: Chat, count: Callable[[str], int], prog
 LONG_CHAT_TURN_TOKENS = 500  # new tokens a turn of the long chat (a pasted document, a tool result), at most
 
 
-def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], watchdog: "MemoryWatchdog",
+def long_chat(s: BenchSettings, chat: Callable, count: Callable[[str], int], watchdog: "MemoryWatchdog",
               progress) -> Optional[dict]:
     """An agent chat whose history grows up to 500 tokens a turn to ``s.long_chat_tokens``
-    (the whole history sent every turn, as AutoGen does), and the worker's peak memory
-    over it: resident (its high-water mark reset first, where the kernel allows; counts
-    the low-bit weights mapped from the cache file) and anonymous (the watchdog's)."""
+    (sent every turn as AutoGen does, trimmed as ``autogen_local`` trims it when it
+    outgrows the context the worker serves: ``chat`` is ``trimming_chat``), and the
+    worker's peak memory over it: resident (its high-water mark reset first, where the
+    kernel allows; counts the low-bit weights mapped from the cache file) and anonymous
+    (the watchdog's)."""
     if not s.long_chat_tokens:
         return None
     pid = watchdog.pid
@@ -269,9 +290,10 @@ def long_chat(s: BenchSettings, chat: Chat, count: Callable[[str], int], watchdo
         new = min(turn_tokens, s.long_chat_tokens - history)
         messages.append({"role": "user", "content": prompt(s, new, 500 + len(turns))})
         history = sum(count(m["content"]) for m in messages)
-        ttft, _, text = chat(messages, s.turn_max_tokens)
-        turns.append({"history_tokens": history, "ttft_s": ttft})
-        progress(f"    long chat turn {len(turns)}: history {history} tokens, ttft {ttft:.1f} s")
+        ttft, sent, text = chat(messages, s.turn_max_tokens)
+        sent_tokens = sum(count(m["content"]) for m in sent)
+        turns.append({"history_tokens": history, "sent_tokens": sent_tokens, "ttft_s": ttft})
+        progress(f"    long chat turn {len(turns)}: history {history} tokens ({sent_tokens} sent), ttft {ttft:.1f} s")
         messages.append({"role": "assistant", "content": text})
         history += count(text)
     peak, anon = peak_rss_mb(pid), watchdog.peak_anon_mb
@@ -309,7 +331,8 @@ def _served(s: BenchSettings, stack: Stack, result: StackResult, watchdog: "Memo
         result.agent_chat = run_agent_chat(stack.base_url, s.agent_chat_turns, s.turn_max_tokens, progress)
     result.peak_rss_mb = peak_rss_mb(watchdog.pid)
     if result.label == OURS and low_bit:
-        result.long_chat = long_chat(s, chat, count, watchdog, progress)
+        trimming = functools.partial(trimming_chat, stack.base_url, model_name)
+        result.long_chat = long_chat(s, trimming, count, watchdog, progress)
 
 
 def _memory_cgroup(s: BenchSettings, low_bit: Optional[str], start: int):

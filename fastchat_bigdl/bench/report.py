@@ -267,8 +267,10 @@ def _memory_lines(ours: dict) -> list:
     long = ours.get("long_chat")
     if long:
         ttfts = ", ".join(f"{t['ttft_s']:.1f}" for t in long["turns"])
+        last_sent = long["turns"][-1].get("sent_tokens", long["history_tokens"]) if long["turns"] else 0
         out.append(f"long agent chat: {long['history_tokens']} tokens of history in {len(long['turns'])} turns "
-                   f"(TTFT {ttfts} s); worker peak over it: RSS {_fmt((long['peak_rss_mb'] or 0) / GB)} GB, "
+                   f"(TTFT {ttfts} s; the last turn sent {last_sent}, trimmed to the context served); worker peak "
+                   f"over it: RSS {_fmt((long['peak_rss_mb'] or 0) / GB)} GB, "
                    f"anonymous {_fmt((long.get('peak_anon_mb') or 0) / GB)} GB")
     for i, group in enumerate(ours.get("memory_cgroup") or []):
         out.append(f"start {i + 1} in a {group['limit_mb'] / 1024:.1f} GiB memory cgroup ({group['cgroup']}): "

@@ -9,10 +9,12 @@ behind it), evicting prefix-cache entries (least recently used first) to make ro
 request that does not fit waits in the queue, and one larger than the whole budget is
 refused at once with the numbers (``NeverFits``). The default budget is a share of the
 memory available when the worker has loaded its model (``default_kv_budget_bytes``,
-counting a cgroup's limit).
+counting a cgroup's limit and the weights' mapped pages); the worker serves no longer a
+context than the budget holds.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -94,55 +96,98 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
+@dataclass(frozen=True)
+class _CgroupFiles:
+    limit: str
+    usage: str
+    file_keys: tuple  # memory.stat keys: (page cache, of which shared memory: not reclaimable)
+
+
+_V2 = _CgroupFiles("memory.max", "memory.current", ("file", "shmem"))
+_V1 = _CgroupFiles("memory.limit_in_bytes", "memory.usage_in_bytes", ("total_cache", "total_shmem"))
+
+
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = Path("/sys/fs/cgroup"),
-                           own_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+                           own_cgroup: Path = Path("/proc/self/cgroup"), mapped_weights: int = 0) -> int:
     """Memory this process may still take: the kernel's MemAvailable, or less where a
-    memory cgroup limit (v2 on this process's group or an ancestor; v1 where mounted)
-    leaves less."""
-    available = None
+    memory cgroup limit (v2 on this process's group or an ancestor; v1 likewise) leaves
+    less, minus ``mapped_weights``: weights read through mmap are page cache, which both
+    count as reclaimable, yet the model touches every page of them for every token (left
+    out, the budget admitted KV into their room and the kernel evicted and re-read the
+    weights: a 7B chat in an 8 GiB cgroup thrashed). A cgroup's reclaimable page cache is
+    counted as room: only the weights need to stay."""
+    available = _host_available(meminfo)
+    for level, files in _cgroup_limits(cgroup_root, own_cgroup):
+        try:
+            limit = (level / files.limit).read_text().strip()
+            if limit == "max":
+                continue
+            held = int((level / files.usage).read_text()) - _reclaimable_cache(level / "memory.stat", files)
+            available = min(available, int(limit) - held)
+        except (OSError, ValueError):
+            continue
+    return max(0, available - mapped_weights)
+
+
+def _host_available(meminfo: Path) -> int:
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
-    if available is None:
-        import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    for limit_file, usage_file in _cgroup_limits(cgroup_root, own_cgroup):
-        try:
-            limit = limit_file.read_text().strip()
-            if limit != "max":
-                available = min(available, int(limit) - int(usage_file.read_text()))
-        except (OSError, ValueError):
-            continue
-    return max(0, available)
+
+def _reclaimable_cache(stat: Path, files: _CgroupFiles) -> int:
+    """A cgroup's page cache that is not shared memory (0 where memory.stat is unreadable)."""
+    try:
+        values = dict(line.split() for line in stat.read_text().splitlines() if line.count(" ") == 1)
+        cache, shmem = (int(values.get(key, 0)) for key in files.file_keys)
+    except (OSError, ValueError):
+        return 0
+    return max(0, cache - shmem)
+
+
+def mapped_bytes_under(directory: Path, maps: Path = Path("/proc/self/maps")) -> int:
+    """Bytes this process maps from files under ``directory`` (the low-bit weights cache)."""
+    prefix = str(Path(directory).resolve()) + "/"
+    total = 0
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(prefix):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            total += end - start
+    return total
 
 
 def _cgroup_limits(root: Path, own: Path):
-    """(limit file, usage file) of every memory cgroup that bounds this process: its own
-    group and each ancestor, in the v1 memory hierarchy (``N:memory:/path``) and in v2
+    """(directory, files) of every memory cgroup that bounds this process: its own group
+    and each ancestor, in the v1 memory hierarchy (``N:memory:/path``) and in v2
     (``0::/path``)."""
     try:
         lines = own.read_text().splitlines()
     except OSError:
         lines = []
-    pairs = []
+    levels = []
     for line in lines:
         _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
         if controllers == "":  # v2
-            top, files = root, ("memory.max", "memory.current")
+            top, files = root, _V2
         elif "memory" in controllers.split(","):  # v1
-            top, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            top, files = root / "memory", _V1
         else:
             continue
         group = top / path.strip().lstrip("/")
         for level in [group, *group.parents]:
-            pairs.append((level / files[0], level / files[1]))
+            levels.append((level, files))
             if level == top:
                 break
-    return pairs
+    return levels
 
 
 def default_kv_budget_bytes(available: int) -> int:

@@ -22,7 +22,13 @@ from fastchat.utils import get_context_length
 
 from fastchat_bigdl.adapter import conversation_for, register
 from fastchat_bigdl.common.chat_template import prompts_need_template
-from fastchat_bigdl.engine.kv_budget import KVBudget, NeverFits, available_memory_bytes, default_kv_budget_bytes
+from fastchat_bigdl.engine.kv_budget import (
+    KVBudget,
+    NeverFits,
+    available_memory_bytes,
+    default_kv_budget_bytes,
+    mapped_bytes_under,
+)
 from fastchat_bigdl.engine.scheduler import Engine
 from fastchat_bigdl.engine.selection import DEFAULT_KV_CACHE_DTYPE, choose_forward
 from fastchat_bigdl.lowbit.backend import resolve_backend
@@ -99,7 +105,7 @@ class BigDLModelWorker(upstream.ModelWorker):
     ):
         BaseModelWorker.__init__(self, controller_addr, worker_addr, worker_id, model_path, model_names,
                                  limit_worker_concurrency, conv_template=conv_template)
-        self.device, self.low_bit = device, low_bit
+        self.device, self.low_bit, self.low_bit_cache = device, low_bit, low_bit_cache
         self.stream_interval, self.embed_in_truncate, self.seed = stream_interval, embed_in_truncate, seed
         # Registration waits until the HTTP server listens (register_when_listening):
         # upstream registers first, and a controller refresh in that gap drops the
@@ -185,18 +191,23 @@ class BigDLModelWorker(upstream.ModelWorker):
             logger.info("KV budget: none by default on %s (its memory is not the host's); set --kv-budget-mb",
                         self.device)
             return None
-        available = available_memory_bytes()
+        mapped = mapped_bytes_under(Path(self.low_bit_cache)) if self.low_bit_cache else 0
+        available = available_memory_bytes(mapped_weights=mapped)
         total = default_kv_budget_bytes(available) if budget_mb is None else budget_mb << 20
         budget = KVBudget(total, cache=self.prefix_cache)
         if self.prefix_cache is not None:
             self.prefix_cache.room = budget.cache_room
-        per_position = max(1, self._kv_bytes_per_position())
-        fits = min(self.context_len, total // per_position)
-        logger.info("KV budget: %d MiB (%s; %d MiB available after loading) for running requests and the prefix "
-                    "cache: %d positions in all%s", total >> 20,
-                    "--kv-budget-mb" if budget_mb is not None else "default: 60%", available >> 20,
-                    total // per_position, "" if fits >= self.context_len else
-                    f"; a request reaching more than {fits} positions is refused")
+        positions = total // max(1, self._kv_bytes_per_position())
+        logger.info("KV budget: %d MiB (%s; %d MiB available after loading, beside %d MiB of weights mapped from "
+                    "the low-bit cache) for running requests and the prefix cache: %d positions in all", total >> 20,
+                    "--kv-budget-mb" if budget_mb is not None else "default: 60%", available >> 20, mapped >> 20,
+                    positions)
+        if positions < self.context_len:
+            # Served as the context: the API server then trims max_tokens to it and answers a
+            # longer prompt with 40303 and both counts, which agent clients trim their history on.
+            logger.warning("Context: %d positions, what the KV budget holds (the model's own: %d); a larger "
+                           "--kv-budget-mb or more memory serves more", positions, self.context_len)
+            self.context_len = positions
         return budget
 
     def generate_stream_gate(self, params):
