@@ -27,9 +27,10 @@ class Entries:
     def nbytes(self):
         return sum(self.sizes)
 
-    def shrink_to(self, nbytes):
+    def shrink_to(self, nbytes, consumer=()):
         while self.sizes and self.nbytes > nbytes:
             self.sizes.pop(0)
+        return 0
 
 
 def test_reservations_fit_beside_each_other_and_push_the_cache_out():
@@ -202,3 +203,80 @@ def test_a_reservation_granted_to_a_stream_whose_client_left_is_given_back():
     assert budget.reserved == 60 and stream.request is None  # granted, not yet delivered
     engine._close(stream)  # the client went away before the loop's next turn
     assert budget.reserved == 0
+
+
+def test_a_chat_whose_history_the_budget_cannot_hold_twice_still_reuses_its_prefix(lean):
+    """Turn 2 extends turn 1's prompt. With a budget below turn 1's entry plus
+    turn 2's KV, making room used to evict that entry and prefill the whole history again
+    (a 7B chat in an 8 GiB cgroup: 114 s instead of ~30 s). Now turn 2 takes the entry out
+    (freeing it as its own KV is built): it reuses the prefix, answers as it does without a
+    cache, and the budget's accounting never passes its total."""
+    model, tokenizer, runner = lean
+    engine = Engine(runner=runner)
+    cache = PrefixCache(1 << 30)
+    loop = engine.streamer(functools.partial(token_loop, prefix_cache=cache, runner=runner))
+    plain = engine.streamer(functools.partial(token_loop, runner=runner))
+
+    def run(stream, text):
+        *_, last = stream(model, tokenizer, {"prompt": text, "temperature": 0, "max_new_tokens": 24}, "cpu", 256, 1)
+        return last["text"]
+
+    first = " ".join(f"word{j} fox" for j in range(16))
+    run(loop, first)
+    second = first + " " + " ".join(f"word{j} fox" for j in range(30, 40))  # the next turn
+    assert len(tokenizer(second).input_ids) + 24 < 256  # no truncation to the tiny context
+    entry = cache.nbytes
+    need = runner.kv_bytes(len(tokenizer(second).input_ids) + 24)
+    assert entry > 0 and len(cache) == 1
+    budget = engine.kv_budget = KVBudget(need + entry // 2, cache=cache)  # not both at once
+    cache.room = budget.cache_room
+    hits, reused = cache.hits, cache.reused_tokens
+    answer = run(loop, second)
+    assert cache.hits == hits + 1 and cache.reused_tokens - reused >= len(tokenizer(first).input_ids) - 1
+    assert budget.peak <= budget.total and budget.reserved == 0
+    assert len(cache) == 1 and cache.nbytes > entry  # turn 2's entry replaced turn 1's
+    assert answer == run(plain, second)  # reuse is exact
+
+
+def sequence(n):
+    """A lean KV cache of ``n`` prompt positions with random contents."""
+    from fastchat_bigdl.engine.kv_cache import SequenceKV
+
+    kv = SequenceKV(layers=3, kv_heads=1, head_dim=4, dtype=torch.bfloat16, capacity=n)
+    for layer in range(3):
+        kv.write(layer, 0, torch.randn(n, 1, 4), torch.randn(n, 1, 4))
+    kv.length = kv.prefilled = n
+    return kv
+
+
+def test_a_taken_out_entry_is_freed_a_layer_at_a_time_and_a_shared_one_is_cloned():
+    cache = PrefixCache(1 << 20)
+    chat = list(range(100, 164))
+    cache.put(chat, sequence(64))
+    other = list(range(100, 132)) + [7] * 40  # shares 32 tokens with it, then differs
+    cloned, n = cache.take(other, total_positions=80)
+    assert n == 32 and len(cache) == 1  # a shared prefix is copied; the entry stays
+    (_, entry, _), = cache._entries.values()
+    expected = entry.stored(64)
+    taken, n = cache.take(chat + [1, 2, 3], total_positions=96)
+    assert n == 64 and len(cache) == 0  # the chat's own next turn takes it out
+    assert taken.capacity >= 96 and torch.equal(taken.stored(64)[0], expected[0])
+    assert entry.nbytes == 0  # its storage went as the copy was built
+    assert torch.equal(cloned.stored(32)[0], expected[0][:, :, :, :32])
+
+
+def test_the_budget_spares_the_entry_a_request_takes_out():
+    """Room for a chat's next turn: other entries go first, the previous turn's entry
+    stays (counted once, as the request's: it frees it while building its own KV)."""
+    cache = PrefixCache(1 << 20)
+    cache.put(list(range(500, 564)), sequence(64))  # another chat, least recently used
+    chat = list(range(100, 164))
+    cache.put(chat, sequence(64))
+    entry = cache.nbytes // 2
+    budget = KVBudget(3 * entry, cache=cache)
+    assert budget.try_reserve(2 * entry + 1, consumer=chat + [1, 2])  # the other chat's entry must go
+    assert [ids[0] for ids, _, _ in cache._entries.values()] == [100] and budget.peak == 2 * entry + 1
+    taken, n = cache.take(chat + [1, 2], total_positions=66)
+    assert n == 64 and len(cache) == 0
+    budget.release(2 * entry + 1)
+    assert budget.try_reserve(3 * entry) and not budget.try_reserve(1)  # what a request can never exceed

@@ -106,7 +106,7 @@ def tiny(request, tmp_path_factory):
     runner, line = selection.choose_forward(model, BACKEND, "cpu", prefill_recipe=recipe, kv_cache_dtype=kv_dtype)
     assert runner is not None, line
     assert f"prefill blocks: {prefill_recipe.NAMES[recipe]} (asked for)" in line, line
-    assert f"KV cache {kv_dtype}" in line and runner.new_sequence().data.dtype == KV_CACHE_DTYPES[kv_dtype]
+    assert f"KV cache {kv_dtype}" in line and runner.new_sequence().dtype == KV_CACHE_DTYPES[kv_dtype]
     return model, tokenizer, runner
 
 

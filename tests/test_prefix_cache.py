@@ -164,7 +164,8 @@ def test_a_lean_entry_keeps_only_its_reusable_positions():
     kv.reserve(553)
     kv.reserve(600)
     assert kv.capacity == 1152
-    kv.data[:, :, :, :553] = torch.randn(2, 2, 1, 553, 8)
+    for layer in kv.data:
+        layer[:, :, :553] = torch.randn(2, 1, 553, 8)
     kv.length, kv.prefilled = 553, 540  # 13 generated positions
     per_position = 2 * 2 * 1 * 8 * 4
     cache = PrefixCache(budget_bytes=600 * per_position)
@@ -173,7 +174,7 @@ def test_a_lean_entry_keeps_only_its_reusable_positions():
     cache.put(ids, kv)
     assert len(cache) == 1 and cache.nbytes == 576 * per_position
     taken, n = cache.take(ids + [9])
-    assert n == 540 and torch.equal(taken.data[:, :, :, :540], kv.data[:, :, :, :540])
+    assert n == 540 and torch.equal(taken.stored(540)[0], kv.stored(540)[0])
 
 
 def test_a_reused_lean_prefix_is_allocated_once_for_the_whole_request():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 AVAILABLE_SHARE = 0.6  # of the memory available after loading: the rest for activations, logits, the runtime
 MIN_BUDGET_BYTES = 64 << 20
@@ -34,7 +34,7 @@ class Evictable(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def shrink_to(self, nbytes: int) -> None: ...
+    def shrink_to(self, nbytes: int, consumer: Sequence[int] = ()) -> int: ...
 
 
 @dataclass
@@ -56,16 +56,19 @@ class KVBudget:
                             f"{_mib(self.total)}; ask for fewer tokens (max_tokens) or start the worker with a "
                             f"larger --kv-budget-mb")
 
-    def try_reserve(self, nbytes: int) -> bool:
+    def try_reserve(self, nbytes: int, consumer: Sequence[int] = ()) -> bool:
         """Reserve ``nbytes`` if they fit beside the running requests, evicting prefix-cache
-        entries as needed; False if they do not fit yet."""
+        entries as needed; False if they do not fit yet. ``consumer``: the request's
+        prompt tokens; the cache entry it will take out (its previous turn) is spared and
+        not counted, as the request frees it while building its own KV."""
         if self.reserved + nbytes > self.total:
             return False
+        taken_out = 0
         if self.cache is not None and self.reserved + nbytes + self.cached > self.total:
-            self.cache.shrink_to(self.total - self.reserved - nbytes)
+            taken_out = self.cache.shrink_to(self.total - self.reserved - nbytes, consumer)
         self.reserved += nbytes
         self.granted += 1
-        self.peak = max(self.peak, self.reserved + self.cached)
+        self.peak = max(self.peak, self.reserved + self.cached - taken_out)
         return True
 
     def release(self, nbytes: int) -> None:

@@ -55,44 +55,54 @@ class KVCache(Protocol):
     def nbytes(self) -> int:
         """Bytes held, counting preallocated storage."""
 
-    def prefix(self, length: int, room: int = 0) -> "KVCache":
-        """A private copy of the first ``length`` positions, with room for ``room`` more."""
+    def prefix(self, length: int, room: int = 0, consume: bool = False) -> "KVCache":
+        """A private copy of the first ``length`` positions, with room for ``room`` more
+        (``consume``: this cache is not used after, so it may give its storage up)."""
 
 
 class SequenceKV:
-    """``data[layer, 0|1, kv_head, position, head_dim]``: keys (0) and values (1) of the
+    """``data[layer][0|1, kv_head, position, head_dim]``: keys (0) and values (1) of the
     first ``length`` positions of one sequence, of which the first ``prefilled`` were
     computed as prompt positions (the only ones another request may reuse). For int8,
-    ``scales[layer, 0|1, kv_head, position]`` (bf16) goes with ``data``."""
+    ``scales[layer][0|1, kv_head, position]`` (bf16) goes with ``data``. One tensor per
+    layer, so moving to larger storage (growth, or a request taking over a prefix-cache
+    entry) holds both copies of one layer at a time, not of the whole cache."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  capacity: int = GROWTH_QUANTUM, limit: int = 0):
         if dtype not in KV_CACHE_DTYPES.values():
             raise ValueError(f"KV cache dtype {dtype} (choose one of {', '.join(KV_CACHE_DTYPES)})")
         self.limit = limit  # the model's context length: never allocate beyond it (0 = none)
-        self._allocate((layers, 2, kv_heads), head_dim, capacity_for(capacity, limit), dtype)
+        capacity = capacity_for(capacity, limit)
+        self.data = [self._zeros((2, kv_heads, capacity, head_dim), dtype) for _ in range(layers)]
+        self.scales = [self._zeros((2, kv_heads, capacity), torch.bfloat16) for _ in range(layers)] \
+            if dtype == torch.int8 else None
         self.length = 0
         self.prefilled = 0
 
-    def _allocate(self, lead: Tuple[int, ...], head_dim: int, capacity: int, dtype: torch.dtype) -> None:
+    @staticmethod
+    def _zeros(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # Zeroed, not empty: a prefill block attends over positions not written yet (masked;
         # 0 x garbage could be NaN).
-        self.data = torch.zeros(*lead, capacity, head_dim, dtype=dtype)
-        self.scales = torch.zeros(*lead, capacity, dtype=torch.bfloat16) if dtype == torch.int8 else None
+        return torch.zeros(*shape, dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data[0].dtype
 
     @property
     def capacity(self) -> int:
-        return self.data.shape[3]
+        return self.data[0].shape[2]
 
     @property
     def attention_dtype(self) -> torch.dtype:
         """What ``keys``/``values`` return and attention computes in."""
-        return torch.float32 if self.data.dtype == torch.float32 else torch.bfloat16
+        return torch.float32 if self.dtype == torch.float32 else torch.bfloat16
 
     @property
     def nbytes(self) -> int:
-        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
-        return self.data.numel() * self.data.element_size() + scales
+        tensors = self.data + (self.scales or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def reusable(self) -> int:
@@ -102,23 +112,37 @@ class SequenceKV:
 
     def stored(self, length: int) -> Tuple[torch.Tensor, ...]:
         """What is stored for the first ``length`` positions (for comparing caches)."""
-        parts = (self.data[:, :, :, :length],)
-        return parts if self.scales is None else parts + (self.scales[:, :, :, :length],)
+        parts = (torch.stack([d[:, :, :length] for d in self.data]),)
+        return parts if self.scales is None else parts + (torch.stack([s[:, :, :length] for s in self.scales]),)
 
     def reserve(self, positions: int) -> None:
         """Room for ``positions`` positions in total."""
         if positions <= self.capacity:
             return
-        self._move_to(max(capacity_for(max(positions, 2 * self.capacity), self.limit), positions))
+        self._move_from(self, max(capacity_for(max(positions, 2 * self.capacity), self.limit), positions),
+                        self.length, release=True)
 
-    def _move_to(self, capacity: int, length: Optional[int] = None) -> None:
-        """Storage of ``capacity`` positions keeping the first ``length`` (default: all held)."""
-        keep = self.length if length is None else length
-        data, scales = self.data, self.scales
-        self._allocate(data.shape[:3], data.shape[4], capacity, data.dtype)
-        self.data[:, :, :, :keep] = data[:, :, :, :keep]
-        if scales is not None:
-            self.scales[:, :, :, :keep] = scales[:, :, :, :keep]
+    def _move_from(self, source: "SequenceKV", capacity: int, keep: int, release: bool) -> None:
+        """This cache's storage: ``capacity`` positions holding ``source``'s first ``keep``,
+        built a layer at a time; ``release``: each of ``source``'s layers is dropped once
+        copied (``source`` is then empty)."""
+        data, scales = [], None if source.scales is None else []
+        for layer in range(len(source.data)):
+            old = source.data[layer]
+            new = self._zeros((*old.shape[:2], capacity, old.shape[3]), old.dtype)
+            new[:, :, :keep] = old[:, :, :keep]
+            data.append(new)
+            if scales is not None:
+                old_scales = source.scales[layer]
+                scales.append(self._zeros((*old_scales.shape[:2], capacity), old_scales.dtype))
+                scales[-1][:, :, :keep] = old_scales[:, :, :keep]
+            if release:
+                source.data[layer] = source.data[layer][:, :, :0]
+                if scales is not None:
+                    source.scales[layer] = source.scales[layer][:, :, :0]
+        self.data, self.scales = data, scales
+        if release and source is not self:
+            source.length = source.prefilled = 0
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``keys``/``values``: [positions, kv_heads, head_dim] for positions start, start+1, ..."""
@@ -126,9 +150,9 @@ class SequenceKV:
         for part, rows in ((0, keys), (1, values)):
             rows = rows.transpose(0, 1)
             if self.scales is None:
-                self.data[layer, part, :, start:end] = rows
+                self.data[layer][part, :, start:end] = rows
             else:
-                self.data[layer, part, :, start:end], self.scales[layer, part, :, start:end] = _to_int8(rows)
+                self.data[layer][part, :, start:end], self.scales[layer][part, :, start:end] = _to_int8(rows)
 
     def keys(self, layer: int, begin: int, end: int) -> torch.Tensor:
         """[kv_heads, end - begin, head_dim] in ``attention_dtype``: a view, or for int8 a copy."""
@@ -138,19 +162,19 @@ class SequenceKV:
         return self._read(layer, 1, begin, end)
 
     def _read(self, layer: int, part: int, begin: int, end: int) -> torch.Tensor:
-        stored = self.data[layer, part, :, begin:end]
+        stored = self.data[layer][part, :, begin:end]
         if self.scales is None:
             return stored
-        return stored.to(torch.bfloat16) * self.scales[layer, part, :, begin:end, None]
+        return stored.to(torch.bfloat16) * self.scales[layer][part, :, begin:end, None]
 
-    def prefix(self, length: int, room: int = 0) -> "SequenceKV":
+    def prefix(self, length: int, room: int = 0, consume: bool = False) -> "SequenceKV":
         """A private copy of the first ``length`` positions, with ``room`` for more to come,
-        allocated once (0: as compact as the allocation quantum allows, for keeping)."""
+        allocated once (0: as compact as the allocation quantum allows, for keeping).
+        ``consume``: this cache is not needed after (a prefix-cache entry the request
+        supersedes): its layers are freed as they are copied."""
         copy = SequenceKV.__new__(SequenceKV)
-        copy.limit, copy.data, copy.scales = self.limit, self.data, self.scales
-        copy._move_to(capacity_for(length + room, self.limit), length)
-        copy.length = length
-        copy.prefilled = min(length, self.prefilled)
+        copy.limit, copy.length, copy.prefilled = self.limit, length, min(length, self.prefilled)
+        copy._move_from(self, capacity_for(length + room, self.limit), length, release=consume)
         return copy
 
 
@@ -197,9 +221,10 @@ class HuggingFaceKV:
                     total += storage.nbytes()
         return total
 
-    def prefix(self, length: int, room: int = 0) -> "HuggingFaceKV":
+    def prefix(self, length: int, room: int = 0, consume: bool = False) -> "HuggingFaceKV":
         """Copies of the first ``length`` positions in a new cache of the same kind (it grows
-        by itself: ``room`` is not needed)."""
+        by itself: ``room`` is not needed; ``consume`` changes nothing: the copies are
+        slices of the library's tensors)."""
         layers = tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in self.layers())
         if not hasattr(self.cache, "key_cache"):
             return HuggingFaceKV(layers)

@@ -8,7 +8,7 @@ and put the decode steps of all streams into one batched call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 from fastchat_bigdl.engine.kv_cache import SequenceKV
 
@@ -45,6 +45,7 @@ class Reserve:
     nbytes: int
     what: str = "this request"
     waited: bool = False
+    prompt: Sequence[int] = ()  # its tokens: the prefix-cache entry it will take out is spared
 
 
 REQUESTS = (Prefill, Decode, Compute, Reserve)

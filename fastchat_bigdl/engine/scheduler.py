@@ -240,7 +240,7 @@ class Engine:
             except NeverFits as exc:
                 self._fail(stream, exc)
                 continue
-            if not budget.try_reserve(request.nbytes):
+            if not budget.try_reserve(request.nbytes, request.prompt):
                 if not request.waited:
                     request.waited = True
                     budget.waited += 1

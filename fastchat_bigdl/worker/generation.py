@@ -101,11 +101,13 @@ def token_loop(model, tokenizer, params: Dict, device: str, context_len: int, st
     sampler.feed(input_ids)
 
     positions = len(input_ids) + max_new_tokens
+    reuse = prefix_cache is not None and not output.wants_prompt_logprobs  # those need every position's logits
     reservation = yield Reserve(_kv_bytes(model, runner, positions),
-                                f"a request of {len(input_ids)} prompt tokens and up to {max_new_tokens} new ones")
+                                f"a request of {len(input_ids)} prompt tokens and up to {max_new_tokens} new ones",
+                                prompt=input_ids if reuse else ())
     kv, reused, finish_reason = None, 0, None
     try:
-        if prefix_cache is not None and not output.wants_prompt_logprobs:  # those need every position's logits
+        if reuse:
             kv, reused = prefix_cache.take(input_ids, total_positions=positions)
             logger.info("prompt %d tokens: %d reused from the prefix cache, %d to prefill",
                         len(input_ids), reused, len(input_ids) - reused)

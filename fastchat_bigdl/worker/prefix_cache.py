@@ -10,7 +10,10 @@ in fp32, so a fixed 1 GiB stopped reusing an agent chat past ~500 tokens.
 A request takes the entry sharing the longest token prefix with its prompt and gets a
 *copy* of that prefix: ipex-llm / bigdl-llm append to their caches in place (into
 preallocated storage), so a stored entry is never handed out, only cloned, and is
-never touched again after it is stored. Reuse is exact by construction: the KV of a
+never touched again after it is stored. An entry the prompt extends whole (the previous
+turn of the same chat) is taken out of the cache instead, its storage freed as the
+request's copy is built: the request's own entry supersedes it, and the KV budget need
+not hold a chat's history twice. Reuse is exact by construction: the KV of a
 token prefix depends on nothing but those tokens.
 """
 from __future__ import annotations
@@ -79,7 +82,10 @@ class PrefixCache:
         """(a private copy of the longest cached prefix of ``token_ids``, its length);
         at least one token is always left to feed, so the model yields logits.
         ``total_positions``: how many the request may reach (prompt + new tokens), to
-        allocate the copy's room once."""
+        allocate the copy's room once. An entry the prompt extends whole (an agent chat's
+        previous turn) is taken out, not copied: the request's own entry will supersede
+        it, and its storage is freed a layer at a time as the copy is built, so the chat
+        never holds its history twice."""
         with self._lock:
             best_key, best_len = None, 0
             for key, (ids, _, _) in self._entries.items():
@@ -90,12 +96,24 @@ class PrefixCache:
             if best_key is None or best_len < 1:
                 self.misses += 1
                 return None, 0
-            self._entries.move_to_end(best_key)
-            kv = self._entries[best_key][1]
+            consume = best_key == self._superseded_by(token_ids)
+            kv = self._entries.pop(best_key)[1] if consume else self._entries[best_key][1]
+            if not consume:
+                self._entries.move_to_end(best_key)
             self.hits += 1
             self.reused_tokens += best_len
-        # Cloning outside the lock: stored entries are immutable, eviction only drops a reference.
-        return kv.prefix(best_len, room=max(0, total_positions - best_len)), best_len
+        # Copying outside the lock: stored entries are immutable, eviction only drops a
+        # reference, and a consumed entry is no longer reachable from the cache.
+        return kv.prefix(best_len, room=max(0, total_positions - best_len), consume=consume), best_len
+
+    def _superseded_by(self, token_ids: Sequence[int]) -> Optional[int]:
+        """The key of the longest entry whose tokens all begin ``token_ids`` (with one more
+        to feed): the one a request for ``token_ids`` takes out. Under the lock."""
+        best_key, best_len = None, 0
+        for key, (ids, _, _) in self._entries.items():
+            if best_len < len(ids) < len(token_ids) and tuple(token_ids[:len(ids)]) == ids:
+                best_key, best_len = key, len(ids)
+        return best_key
 
     def put(self, token_ids: Sequence[int], kv: Optional[KVCache]) -> None:
         """Keep the KV of a finished request (``token_ids`` = the tokens it holds)."""
@@ -116,17 +134,23 @@ class PrefixCache:
             self._next_key += 1
             self._evict_to(cap, keep=1)
 
-    def _evict_to(self, nbytes: int, keep: int = 0) -> None:
-        """Drop least recently used entries until at most ``nbytes`` are held (or ``keep`` entries are left)."""
-        total = sum(s for _, _, s in self._entries.values())
-        while total > nbytes and len(self._entries) > keep:
-            _, (_, _, evicted) = self._entries.popitem(last=False)
-            total -= evicted
+    def _evict_to(self, nbytes: int, keep: int = 0, spare: Optional[int] = None) -> None:
+        """Drop least recently used entries until at most ``nbytes`` are held (or ``keep``
+        entries are left), not counting and not dropping the entry ``spare``."""
+        total = sum(s for k, (_, _, s) in self._entries.items() if k != spare)
+        for key in [k for k in self._entries if k != spare]:
+            if total <= nbytes or len(self._entries) <= keep:
+                break
+            total -= self._entries.pop(key)[2]
 
-    def shrink_to(self, nbytes: int) -> None:
-        """Room for a running request's KV (``engine.kv_budget``)."""
+    def shrink_to(self, nbytes: int, consumer: Sequence[int] = ()) -> int:
+        """Room for a running request's KV (``engine.kv_budget``): the entries other than
+        the one a request for ``consumer`` tokens will take out fit in ``nbytes``. Returns
+        that entry's bytes (0 if none): they leave the cache when the request starts."""
         with self._lock:
-            self._evict_to(max(0, nbytes))
+            spare = self._superseded_by(consumer) if consumer else None
+            self._evict_to(max(0, nbytes), spare=spare)
+            return self._entries[spare][2] if spare is not None else 0
 
     def clear(self) -> None:
         with self._lock:
