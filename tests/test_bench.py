@@ -514,3 +514,60 @@ def test_a_memory_cgroup_bounds_what_a_process_started_in_it_can_hold(tmp_path):
         assert hold(400) == -signal.SIGKILL and group.oom_kills() == 1  # killed inside the group, nothing else
     finally:
         group.remove()
+
+
+@pytest.fixture
+def chat_server():
+    """A stand-in chat endpoint answering each POST with the next scripted (status, body):
+    a dict is a JSON answer, a list of dicts an SSE stream of those chunks."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    script, bodies = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, answer = script.pop(0)
+            if isinstance(answer, list):
+                data = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in answer) + b"data: [DONE]\n\n"
+                kind = "text/event-stream"
+            else:
+                data, kind = json.dumps(answer).encode(), "application/json"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", script, bodies
+    server.shutdown()
+
+
+def delta(text):
+    return {"choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+def test_the_long_chat_trims_its_history_as_autogen_local_does(chat_server):
+    url, script, bodies = chat_server
+    overflow = {"object": "error", "code": 40303, "message": "This model's maximum context length is 100 tokens. "
+                "However, your messages resulted in 180 tokens. Please reduce the length of the messages."}
+    script += [(400, overflow), (200, [delta("ok"), delta("!")])]
+    messages = [{"role": "system", "content": "s"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 80} for i in range(5)]
+    ttft, sent, text = bench_measure.trimming_chat(url, "m", messages, 8)
+    assert text == "ok!" and ttft >= 0
+    assert sent[0]["role"] == "system" and sent[-1] == messages[-1] and len(sent) < len(messages)
+    assert bodies[1]["messages"] == sent and bodies[0]["messages"] == messages
+
+
+def test_an_error_inside_the_stream_is_reported_not_a_crash(chat_server):
+    url, script, _ = chat_server
+    script.append((200, [delta("part"), {"object": "error", "message": "the worker timed out", "code": 50006}]))
+    with pytest.raises(RuntimeError, match="error in the stream: .*the worker timed out"):
+        bench_measure.trimming_chat(url, "m", [{"role": "user", "content": "hi"}], 8)

@@ -131,8 +131,8 @@ def timed_stream(base_url: str, model: str, messages: List[dict], max_tokens: in
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if "error_code" in chunk:
-                    return arrivals, text, f"error {chunk['error_code']}"
+                if "error_code" in chunk or not chunk.get("choices"):  # FastChat's or the API server's error
+                    return arrivals, text, f"error in the stream: {json.dumps(chunk)[:300]}"
                 delta = chunk["choices"][0]["delta"].get("content")
                 if delta:
                     arrivals.append(time.perf_counter())
