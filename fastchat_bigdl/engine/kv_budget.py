@@ -116,9 +116,9 @@ def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup_root: P
     memory cgroup limit (v2 on this process's group or an ancestor; v1 likewise) leaves
     less, minus ``mapped_weights``: weights read through mmap are page cache, which both
     count as reclaimable, yet the model touches every page of them for every token (left
-    out, the budget admitted KV into their room and the kernel evicted and re-read the
-    weights: a 7B chat in an 8 GiB cgroup thrashed). A cgroup's reclaimable page cache is
-    counted as room: only the weights need to stay."""
+    out, the budget admits KV into their room, and the kernel must evict and re-read
+    weights to hold it). A cgroup's reclaimable page cache is counted as room: only the
+    weights need to stay."""
     available = _host_available(meminfo)
     for level, files in _cgroup_limits(cgroup_root, own_cgroup):
         try:
