@@ -2,8 +2,8 @@
 prefix cache and the token loop use: how many positions it holds, how many of them
 another request may reuse, its bytes, and a private copy of a prefix.
 
-- ``SequenceKV``, the lean runner's: one sequence's keys and values for every layer in
-  one preallocated tensor. The Hugging Face caches ``cat`` each step's keys onto the
+- ``SequenceKV``, the lean runner's: one sequence's keys and values, one preallocated
+  tensor per layer. The Hugging Face caches ``cat`` each step's keys onto the
   whole cache (or, in the low-bit library's version, preallocate per layer and still
   copy on growth and on every read). Here a step writes its new positions in place and
   attention reads a view; the storage grows by doubling, so a sequence is copied
