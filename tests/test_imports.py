@@ -28,7 +28,10 @@ for name in sys.argv[1:]:
 registry = sys.modules.get("fastchat.model.model_adapter")
 sys.__stdout__.write(json.dumps({
     "heavy": sorted(m for m in ("torch", "transformers", "ipex_llm", "bigdl") if m in sys.modules),
-    "changed": sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)),
+    # TORCHINDUCTOR_CACHE_DIR: torch's inductor sets it itself (runtime/cache_dir_utils.py)
+    # when transformers' model classes are imported, as in any process that imports them.
+    "changed": sorted(k for k in set(before) | set(os.environ)
+                      if before.get(k) != os.environ.get(k) and k != "TORCHINDUCTOR_CACHE_DIR"),
     "registered": bool(registry) and any(type(a).__name__ == "BigDLLLMAdapter" for a in registry.model_adapters),
 }) + "\n")  # FastChat's server modules reroute sys.stdout through a logger
 """
