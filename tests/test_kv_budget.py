@@ -262,6 +262,7 @@ def test_a_taken_out_entry_is_freed_a_layer_at_a_time_and_a_shared_one_is_cloned
     assert n == 64 and len(cache) == 0  # the chat's own next turn takes it out
     assert taken.capacity >= 96 and torch.equal(taken.stored(64)[0], expected[0])
     assert entry.nbytes == 0  # its storage went as the copy was built
+    assert all(layer.untyped_storage().nbytes() == 0 for layer in entry.data)  # freed, not a view of it
     assert torch.equal(cloned.stored(32)[0], expected[0][:, :, :, :32])
 
 

@@ -136,10 +136,10 @@ class SequenceKV:
                 old_scales = source.scales[layer]
                 scales.append(self._zeros((*old_scales.shape[:2], capacity), old_scales.dtype))
                 scales[-1][:, :, :keep] = old_scales[:, :, :keep]
-            if release:
-                source.data[layer] = source.data[layer][:, :, :0]
+            if release:  # a new empty tensor: a zero-length view would keep the storage alive
+                source.data[layer] = old.new_empty((*old.shape[:2], 0, old.shape[3]))
                 if scales is not None:
-                    source.scales[layer] = source.scales[layer][:, :, :0]
+                    source.scales[layer] = old_scales.new_empty((*old_scales.shape[:2], 0))
         self.data, self.scales = data, scales
         if release and source is not self:
             source.length = source.prefilled = 0
@@ -223,8 +223,8 @@ class HuggingFaceKV:
 
     def prefix(self, length: int, room: int = 0, consume: bool = False) -> "HuggingFaceKV":
         """Copies of the first ``length`` positions in a new cache of the same kind (it grows
-        by itself: ``room`` is not needed; ``consume`` changes nothing: the copies are
-        slices of the library's tensors)."""
+        by itself: ``room`` is not needed; ``consume`` changes nothing: each layer is cloned
+        whole, and the source goes when its last reference does)."""
         layers = tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in self.layers())
         if not hasattr(self.cache, "key_cache"):
             return HuggingFaceKV(layers)

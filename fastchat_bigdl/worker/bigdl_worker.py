@@ -105,7 +105,7 @@ class BigDLModelWorker(upstream.ModelWorker):
     ):
         BaseModelWorker.__init__(self, controller_addr, worker_addr, worker_id, model_path, model_names,
                                  limit_worker_concurrency, conv_template=conv_template)
-        self.device, self.low_bit, self.low_bit_cache = device, low_bit, low_bit_cache
+        self.device, self.low_bit = device, low_bit
         self.stream_interval, self.embed_in_truncate, self.seed = stream_interval, embed_in_truncate, seed
         # Registration waits until the HTTP server listens (register_when_listening):
         # upstream registers first, and a controller refresh in that gap drops the
@@ -124,7 +124,7 @@ class BigDLModelWorker(upstream.ModelWorker):
         self.runner, own_stream = self._choose_decode_path(model_path, backend, dict(
             wanted=forward, prefill_recipe=prefill_recipe, kv_cache_dtype=kv_cache_dtype))
         self.prefix_cache = None if own_stream else self._prefix_cache(prefix_cache_mb)
-        self.engine.kv_budget = None if own_stream else self._kv_budget(kv_budget_mb)
+        self.engine.kv_budget = None if own_stream else self._kv_budget(kv_budget_mb, low_bit_cache)
         if own_stream:  # chunk by chunk, in turns with the other streams
             stream = self.engine.streamer(own_stream, batched=False)
         else:  # every stream's loop on the engine thread; its decode steps batched with the others'
@@ -181,7 +181,7 @@ class BigDLModelWorker(upstream.ModelWorker):
             return self.runner.kv_bytes_per_position()
         return hf_kv_bytes_per_position(self.model)
 
-    def _kv_budget(self, budget_mb: Optional[int]) -> Optional[KVBudget]:
+    def _kv_budget(self, budget_mb: Optional[int], low_bit_cache: Optional[str]) -> Optional[KVBudget]:
         """The bytes of KV the worker may hold (running requests + prefix cache), logged
         with the longest request that fits."""
         if budget_mb == 0:
@@ -191,7 +191,7 @@ class BigDLModelWorker(upstream.ModelWorker):
             logger.info("KV budget: none by default on %s (its memory is not the host's); set --kv-budget-mb",
                         self.device)
             return None
-        mapped = mapped_bytes_under(Path(self.low_bit_cache)) if self.low_bit_cache else 0
+        mapped = mapped_bytes_under(Path(low_bit_cache)) if low_bit_cache else 0
         available = available_memory_bytes(mapped_weights=mapped)
         total = default_kv_budget_bytes(available) if budget_mb is None else budget_mb << 20
         budget = KVBudget(total, cache=self.prefix_cache)

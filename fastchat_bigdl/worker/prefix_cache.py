@@ -96,9 +96,11 @@ class PrefixCache:
             if best_key is None or best_len < 1:
                 self.misses += 1
                 return None, 0
-            consume = best_key == self._superseded_by(token_ids)
-            kv = self._entries.pop(best_key)[1] if consume else self._entries[best_key][1]
-            if not consume:
+            ids, kv, _ = self._entries[best_key]
+            consume = best_len == len(ids)  # the prompt extends it whole (``_superseded_by``)
+            if consume:
+                del self._entries[best_key]
+            else:
                 self._entries.move_to_end(best_key)
             self.hits += 1
             self.reused_tokens += best_len
